@@ -1,0 +1,37 @@
+"""Kernels: Triton implementations with a torch reference for each op, behind one dispatch point.
+
+``quant_linear`` is what every quantized layer calls; it composes the ops (activation transform and
+quantization, then the integer / FP8 GEMM, or the weight-only path) through ``dispatch.op``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dispatch import backend, op, register_triton
+
+__all__ = ["quant_linear", "op", "backend", "register_triton"]
+
+
+def quant_linear(
+    x: torch.Tensor, *, weight, weight_scale, weight_zero=None, bias=None, bits: int,
+    weight_format: str, in_features: int, act_mode: str | None, act_bits: int | None,
+    group_size: int | None = None, input_scale=None, smooth=None, rotation_signs=None,
+    rotation_block: int | None = None,
+) -> torch.Tensor:
+    """``x [M, K] -> y [M, N]`` in x's dtype, for one packed weight and activation format."""
+    dev = x.device
+    rot = dict(smooth=smooth, rotation_signs=rotation_signs, rotation_block=rotation_block)
+    if act_mode is None:
+        return op("weight_only_linear", dev)(
+            x, weight, weight_scale, weight_zero, bias, bits=bits, weight_format=weight_format,
+            in_features=in_features, **rot)
+    if act_mode == "dynamic_token_fp8":
+        xq, sx = op("act_quant_fp8", dev)(x, **rot)
+        return op("fp8_gemm", dev)(xq, sx, weight, weight_scale, bias, out_dtype=x.dtype)
+    if act_mode == "static_tensor":
+        xq, sx = op("act_quant_static", dev)(x, input_scale, act_bits, **rot)
+    else:
+        gs = group_size if act_mode == "dynamic_token_group" else None
+        xq, sx = op("act_quant", dev)(x, act_bits, gs, **rot)
+    return op("int_gemm", dev)(xq, sx, weight, weight_scale, weight_zero, bias, bits=bits,
+                               in_features=in_features, out_dtype=x.dtype)

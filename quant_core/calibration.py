@@ -1,0 +1,232 @@
+"""Calibration: run the full-precision model once and record per-layer, per-timestep statistics.
+
+Memory is bounded by statistics, not activations: each hook folds the layer input into a running
+statistic and drops it. Statistics are pluggable (``STATISTICS``); a method names the ones it needs.
+The recorder is driver-agnostic: ``calibrate`` drives a diffusers pipeline, the ComfyUI node drives
+ComfyUI's sampler, and both produce the same :class:`CalibrationData`.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .models import select_layers
+
+FORMAT_VERSION = 1
+
+
+class Statistic:
+    """Folds layer inputs ``[rows, K]`` seen at denoising step ``step`` into a bounded summary."""
+
+    def update(self, step: int, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def result(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ChannelAbsMax(Statistic):
+    """Per-step, per-input-channel max |x| over all tokens and batch rows: ``[steps, K]``."""
+
+    def __init__(self):
+        self.rows: list[torch.Tensor] = []
+
+    def update(self, step, x):
+        amax = x.detach().abs().amax(dim=0).float().cpu()
+        while len(self.rows) <= step:
+            self.rows.append(torch.zeros_like(amax))
+        self.rows[step] = torch.maximum(self.rows[step], amax)
+
+    def result(self):
+        return torch.stack(self.rows)
+
+
+class RowSample(Statistic):
+    """A uniform random sample of at most ``limit`` input rows over all steps, for methods that need
+    real inputs (GPTQ's Hessian, search fitness): ``[<=limit, K]``. Each row draws a random key and
+    the rows with the largest keys are kept, which is uniform sampling without replacement."""
+
+    def __init__(self, limit: int = 256, seed: int = 0):
+        self.limit = limit
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rows: torch.Tensor | None = None
+        self.keys = torch.empty(0)
+
+    def update(self, step, x):
+        x = x.detach().float().cpu()
+        keys = torch.rand(x.shape[0], generator=self.gen)
+        rows = x if self.rows is None else torch.cat([self.rows, x])
+        keys = torch.cat([self.keys, keys])
+        keep = keys.topk(min(self.limit, keys.numel())).indices
+        self.rows, self.keys = rows[keep], keys[keep]
+
+    def result(self):
+        return self.rows
+
+
+STATISTICS: dict[str, Callable[[], Statistic]] = {"act_absmax": ChannelAbsMax, "act_samples": RowSample}
+
+
+class CalibrationData:
+    """Statistics per layer: ``data.stats[layer][stat_name] -> Tensor``, plus the timestep values
+    of each recorded step and free-form metadata."""
+
+    def __init__(self, stats: dict[str, dict[str, torch.Tensor]], timesteps: torch.Tensor, meta: dict):
+        self.stats, self.timesteps, self.meta = stats, timesteps, meta
+
+    @property
+    def layers(self) -> list[str]:
+        return sorted(self.stats)
+
+    def get(self, layer: str, stat: str) -> torch.Tensor:
+        try:
+            return self.stats[layer][stat]
+        except KeyError:
+            have = sorted(self.stats.get(layer, {}))
+            raise KeyError(f"calibration has no {stat!r} for layer {layer!r} (has {have}); "
+                           f"re-run calibrate with needs including {stat!r}") from None
+
+    def save(self, path) -> None:
+        from .serialization import atomic_save_file
+
+        tensors = {f"{layer}::{stat}": t.contiguous() for layer, d in self.stats.items() for stat, t in d.items()}
+        tensors["__timesteps__"] = self.timesteps.float().contiguous()
+        meta = {"ditq_calibration_version": str(FORMAT_VERSION), "meta": json.dumps(self.meta)}
+        atomic_save_file(tensors, path, meta)
+
+    @classmethod
+    def load(cls, path) -> "CalibrationData":
+        from .serialization import CheckpointError, read_safetensors
+
+        tensors, meta = read_safetensors(path)
+        if meta.get("ditq_calibration_version") != str(FORMAT_VERSION):
+            raise CheckpointError(f"{path}: not a ditq calibration file of version {FORMAT_VERSION} "
+                                  f"(header says {meta.get('ditq_calibration_version')!r})")
+        if "__timesteps__" not in tensors:
+            raise CheckpointError(f"{path}: calibration file lacks '__timesteps__'")
+        stats: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            if key == "__timesteps__":
+                continue
+            layer, sep, stat = key.rpartition("::")
+            if not sep:
+                raise CheckpointError(f"{path}: unexpected tensor {key!r} in calibration file")
+            stats.setdefault(layer, {})[stat] = t
+        return cls(stats, tensors["__timesteps__"], json.loads(meta.get("meta", "{}")))
+
+
+class CalibrationRecorder:
+    """Context manager that hooks ``layers`` of ``model`` and records ``needs`` statistics.
+
+    The step index advances on every forward of ``model`` (one call = one denoising step, CFG halves
+    batched); call :meth:`new_run` before each sampling run. ``on_step`` is called after each step
+    (progress bars, interrupt checks: raising from it aborts cleanly). Hooks are removed on exit,
+    also when sampling raises.
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[str], needs: Sequence[str] = ("act_absmax",),
+                 on_step: Callable[[int], None] | None = None):
+        unknown = set(needs) - set(STATISTICS)
+        if unknown:
+            raise ValueError(f"unknown calibration statistic(s) {sorted(unknown)}; known: {sorted(STATISTICS)}")
+        self.model, self.layers, self.needs, self.on_step = model, list(layers), tuple(needs), on_step
+        self.stats = {name: {n: STATISTICS[n]() for n in self.needs} for name in self.layers}
+        self.timesteps: list[float] = []
+        self.step = -1
+        self._handles: list = []
+
+    def new_run(self) -> None:
+        self.step = -1
+
+    def _before_model(self, module, args, kwargs):
+        self.step += 1
+        t = kwargs.get("timestep", kwargs.get("timesteps", args[1] if len(args) > 1 else None))
+        if self.step >= len(self.timesteps):
+            value = float(t.flatten()[0]) if torch.is_tensor(t) else float(t) if t is not None else float(self.step)
+            self.timesteps.append(value)
+
+    def _after_model(self, module, args, output):
+        if self.on_step is not None:
+            self.on_step(self.step)
+
+    def _hook(self, name):
+        def record(module, args):
+            x = args[0]
+            x2 = x.reshape(-1, x.shape[-1])
+            if not torch.isfinite(x2).all():
+                raise ValueError(f"calibration: layer {name!r} received NaN/Inf activations at step "
+                                 f"{self.step}; the full-precision model itself is producing them")
+            for stat in self.stats[name].values():
+                stat.update(max(self.step, 0), x2)
+        return record
+
+    def __enter__(self):
+        self._handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._after_model))
+        for name in self.layers:
+            self._handles.append(self.model.get_submodule(name).register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+    def result(self, meta: dict | None = None) -> CalibrationData:
+        stats = {name: {n: s.result() for n, s in d.items() if s.result() is not None}
+                 for name, d in self.stats.items()}
+        return CalibrationData(stats, torch.tensor(self.timesteps), dict(meta or {}))
+
+
+def _takes_prompts(pipe) -> bool:
+    return "prompt" in inspect.signature(pipe.__call__).parameters
+
+
+def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int = 0, *,
+              needs: Sequence[str] = ("act_absmax",), guidance_scale: float | None = None,
+              batch_size: int = 1, layers: Iterable[str] | None = None, progress: bool = True,
+              **pipe_kwargs) -> CalibrationData:
+    """Run the full-precision pipeline once over ``prompts`` and record statistics.
+
+    ``prompts`` are strings for text-conditioned pipelines (PixArt) or class labels (ints) for
+    ``DiTPipeline``. Returns :class:`CalibrationData`; the pipeline is left unchanged.
+
+    >>> calib = calibrate(pipe, ["a red fox in snow"], num_inference_steps=20, seed=0)
+    >>> calib.save("calib.safetensors")
+    """
+    from tqdm.auto import tqdm
+
+    if not prompts:
+        raise ValueError("calibrate needs at least one prompt or class label")
+    model = pipe.transformer
+    layers = list(layers) if layers is not None else list(select_layers(model))
+    batches = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    bar = tqdm(total=len(batches) * num_inference_steps, desc="calibrate", disable=not progress)
+    kwargs = dict(pipe_kwargs)
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    text = _takes_prompts(pipe)
+    if text:
+        kwargs.setdefault("output_type", "latent")
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    rec = CalibrationRecorder(model, layers, needs, on_step=lambda step: bar.update(1))
+    try:
+        with rec, torch.no_grad():
+            for i, batch in enumerate(batches):
+                rec.new_run()
+                gen = torch.Generator("cpu").manual_seed(seed + i)
+                if text:
+                    pipe(prompt=batch, num_inference_steps=num_inference_steps, generator=gen, **kwargs)
+                else:
+                    pipe(class_labels=batch, num_inference_steps=num_inference_steps, generator=gen,
+                         output_type="np", **kwargs)
+    finally:
+        bar.close()
+    return rec.result({"model": type(model).__name__, "num_prompts": len(prompts),
+                       "num_inference_steps": num_inference_steps, "seed": seed, "needs": list(needs)})

@@ -1,0 +1,198 @@
+"""Quantization configuration: plain dataclasses that round-trip through JSON.
+
+``LayerScheme`` says how one Linear is stored and run; ``QuantConfig`` is the user's recipe (method,
+default scheme, which layers, per-layer overrides, method options). Presets are registered by the
+method modules (``quant_core/methods``), so a preset appears once its method exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+WEIGHT_FORMATS = ("int", "fp8")
+WEIGHT_GRANULARITIES = ("channel", "group", "tensor")
+ACT_MODES = ("dynamic_token", "dynamic_token_group", "static_tensor", "dynamic_token_fp8")
+
+
+@dataclass(frozen=True)
+class LayerScheme:
+    """Storage and runtime format of one quantized Linear.
+
+    weight_format "int": ``weight_bits`` in 2..8, packed (see quantizers.pack_bits);
+    "fp8": float8 e4m3 with a per-channel scale. ``act_mode`` None means weight-only (activations stay
+    in the compute dtype). Group-wise activations use the weight's ``group_size`` so an integer GEMM
+    can accumulate each group exactly (Q-DiT).
+    """
+
+    weight_bits: int = 8
+    weight_format: str = "int"
+    weight_granularity: str = "channel"
+    group_size: int | None = None
+    weight_symmetric: bool = True
+    act_bits: int | None = 8
+    act_mode: str | None = "dynamic_token"
+
+    def validate(self, layer: str = "<layer>", in_features: int | None = None) -> "LayerScheme":
+        def fail(msg: str):
+            raise ValueError(f"layer {layer!r}: {msg}")
+
+        if self.weight_format not in WEIGHT_FORMATS:
+            fail(f"weight_format {self.weight_format!r} unsupported; expected one of {WEIGHT_FORMATS}")
+        if self.weight_format == "int" and not (isinstance(self.weight_bits, int) and 2 <= self.weight_bits <= 8):
+            fail(f"weight_bits={self.weight_bits!r} unsupported; integer weights take 2..8 bits")
+        if self.weight_format == "fp8" and self.weight_bits != 8:
+            fail(f"fp8 weights are 8-bit, got weight_bits={self.weight_bits}")
+        if self.weight_granularity not in WEIGHT_GRANULARITIES:
+            fail(f"weight_granularity {self.weight_granularity!r} unsupported; expected {WEIGHT_GRANULARITIES}")
+        grouped = self.weight_granularity == "group" or self.act_mode == "dynamic_token_group"
+        if grouped and not self.group_size:
+            fail("group-wise quantization needs group_size")
+        if self.group_size and in_features is not None and (in_features % self.group_size):
+            fail(f"group_size {self.group_size} does not divide in_features {in_features}")
+        if self.act_mode is None:
+            if self.act_bits is not None:
+                fail("act_bits given but act_mode is None (weight-only)")
+        else:
+            if self.act_mode not in ACT_MODES:
+                fail(f"act_mode {self.act_mode!r} unsupported; expected one of {ACT_MODES} or None")
+            if self.act_mode == "dynamic_token_fp8":
+                if self.act_bits != 8:
+                    fail("fp8 activations are 8-bit")
+            elif not (isinstance(self.act_bits, int) and 4 <= self.act_bits <= 8):
+                fail(f"act_bits={self.act_bits!r} unsupported; integer activations take 4..8 bits")
+        if self.weight_format == "fp8" and self.act_mode not in (None, "dynamic_token_fp8"):
+            fail("fp8 weights pair with fp8 activations (act_mode 'dynamic_token_fp8') or weight-only")
+        if self.act_mode == "dynamic_token_fp8" and self.weight_format != "fp8":
+            fail("fp8 activations need fp8 weights")
+        return self
+
+    @property
+    def name(self) -> str:
+        """Short human-readable format, e.g. ``int4-g64 / a8-token``."""
+        w = "fp8" if self.weight_format == "fp8" else f"int{self.weight_bits}"
+        w += {"channel": "", "tensor": "-tensor", "group": f"-g{self.group_size}"}[self.weight_granularity]
+        a = {
+            None: "a16",
+            "dynamic_token": f"a{self.act_bits}-token",
+            "dynamic_token_group": f"a{self.act_bits}-token-g{self.group_size}",
+            "static_tensor": f"a{self.act_bits}-static",
+            "dynamic_token_fp8": "afp8-token",
+        }[self.act_mode]
+        return f"{w} / {a}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerScheme":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown LayerScheme field(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class QuantConfig:
+    """A quantization recipe.
+
+    >>> cfg = QuantConfig.preset("rtn-w8a8-dynamic")
+    >>> cfg = QuantConfig(method="rtn", weight_bits=4, act_bits=8)
+    >>> QuantConfig.from_json(cfg.to_json()) == cfg
+    True
+
+    ``include``/``exclude`` are regexes over module names, applied on top of the architecture's
+    layer policy; ``layers`` maps a regex to LayerScheme fields overriding the default for matching
+    layers (last match wins); ``options`` holds method-specific settings.
+    """
+
+    method: str = "rtn"
+    weight_bits: int = 8
+    weight_format: str = "int"
+    weight_granularity: str = "channel"
+    group_size: int | None = None
+    weight_symmetric: bool = True
+    act_bits: int | None = 8
+    act_mode: str | None = "dynamic_token"
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+
+    def __post_init__(self):
+        if self.act_bits is None:
+            self.act_mode = None
+        self.default_scheme().validate("<default>")
+        for pattern, fields in self.layers.items():
+            re.compile(pattern)
+            dataclasses.replace(self.default_scheme(), **fields).validate(pattern)
+
+    def default_scheme(self) -> LayerScheme:
+        return LayerScheme(
+            weight_bits=self.weight_bits, weight_format=self.weight_format,
+            weight_granularity=self.weight_granularity, group_size=self.group_size,
+            weight_symmetric=self.weight_symmetric, act_bits=self.act_bits, act_mode=self.act_mode,
+        )
+
+    def scheme_for(self, layer: str, in_features: int | None = None) -> LayerScheme:
+        fields: dict[str, Any] = {}
+        for pattern, override in self.layers.items():
+            if re.search(pattern, layer):
+                fields.update(override)
+        return dataclasses.replace(self.default_scheme(), **fields).validate(layer, in_features)
+
+    def selects(self, layer: str) -> bool:
+        """Apply include/exclude on top of a policy's choice."""
+        if self.include and not any(re.search(p, layer) for p in self.include):
+            return False
+        return not any(re.search(p, layer) for p in self.exclude)
+
+    # -- JSON --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown QuantConfig field(s) {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantConfig":
+        return cls.from_dict(json.loads(text))
+
+    # -- presets -----------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> "QuantConfig":
+        from .methods import load_all
+
+        load_all()
+        if name not in _PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(_PRESETS))}")
+        cfg = _PRESETS[name]()
+        cfg.name = name
+        return cfg
+
+    @classmethod
+    def presets(cls) -> list[str]:
+        from .methods import load_all
+
+        load_all()
+        return sorted(_PRESETS)
+
+
+_PRESETS: dict[str, Callable[[], QuantConfig]] = {}
+
+
+def register_preset(name: str, make: Callable[[], QuantConfig]) -> None:
+    """Called by a method module for each preset it provides."""
+    if name in _PRESETS:
+        raise ValueError(f"preset {name!r} registered twice")
+    _PRESETS[name] = make

@@ -1,0 +1,227 @@
+"""Quantized layers: packed integer (or fp8) weights and scales, never a full-precision copy.
+
+Every quantized layer type derives from :class:`QuantModule`, registers itself under a ``layer_type``
+name, and can describe itself as a JSON-able ``spec`` from which an empty twin is built before the
+state dict is loaded. That is how a model is rebuilt from the file alone (serialization.py).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import kernels
+from . import quantizers as qz
+from .config import LayerScheme
+
+LAYER_TYPES: dict[str, type["QuantModule"]] = {}
+
+
+def register_layer_type(name: str):
+    def deco(cls):
+        cls.layer_type = name
+        LAYER_TYPES[name] = cls
+        return cls
+
+    return deco
+
+
+class QuantModule(nn.Module):
+    """Base of quantized layers: spec round trip, byte counts, dtype-stable buffers.
+
+    Buffers named in ``_fixed_dtype`` keep their dtype under ``.to(dtype)`` / ``.half()``: scales stay
+    float32 and fp8 weights stay fp8 when the model is cast to the compute dtype.
+    """
+
+    layer_type = "abstract"
+    _fixed_dtype: tuple[str, ...] = ()
+    _weight_buffers: tuple[str, ...] = ()
+
+    def __init__(self):
+        super().__init__()
+        self.layer_name = ""
+
+    def spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype = torch.float32) -> "QuantModule":
+        raise NotImplementedError
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float32 ``[N, K]`` weight this layer computes with, in the original input basis
+        (for reports and tests; the forward never materialises it on integer paths)."""
+        raise NotImplementedError
+
+    def format_name(self) -> str:
+        return self.layer_type
+
+    def weight_nbytes(self) -> int:
+        """Bytes that stand for the weight matrix: packed values, scales, zero points, codebooks."""
+        return sum(self._buffers[n].numel() * self._buffers[n].element_size()
+                   for n in self._weight_buffers if self._buffers.get(n) is not None)
+
+    def _apply(self, fn, recurse=True):
+        keep = {id(b) for n, b in self._buffers.items() if n in self._fixed_dtype and b is not None}
+
+        def keep_dtype(t):
+            out = fn(t)
+            if id(t) in keep and out.dtype != t.dtype:
+                out = t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_dtype, recurse)
+
+
+@register_layer_type("linear")
+class QuantLinear(QuantModule):
+    """A Linear whose weight is stored quantized per ``scheme`` (see config.LayerScheme).
+
+    Buffers: ``weight`` (int8 ``[N, K]`` for 8 bits, uint8 ``[N, packed_width(K, b)]`` packed for
+    fewer, float8 e4m3 ``[N, K]`` for fp8), ``weight_scale`` float32 ``[N, G]``, optional
+    ``weight_zero_point`` float32 ``[N, G]`` (asymmetric), ``bias`` in the compute dtype, optional
+    ``input_scale`` float32 ``[1]`` (static activations), optional ``smooth_scale`` float32 ``[K]`` and
+    ``rotation_signs`` int8 ``[K]`` with ``rotation_block`` (channel balancing, ViDiT-Q).
+    """
+
+    _fixed_dtype = ("weight", "weight_scale", "weight_zero_point", "input_scale", "smooth_scale",
+                    "rotation_signs")
+    _weight_buffers = ("weight", "weight_scale", "weight_zero_point")
+
+    def __init__(self, in_features: int, out_features: int, scheme: LayerScheme, *, bias: bool = True,
+                 smooth: bool = False, rotation_block: int | None = None, dtype=torch.float32,
+                 device=None):
+        super().__init__()
+        scheme.validate("QuantLinear", in_features)
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.rotation_block = rotation_block
+        groups = qz.num_groups(in_features, scheme.group_size) if scheme.weight_granularity == "group" else 1
+        rows = 1 if scheme.weight_granularity == "tensor" else out_features
+        if scheme.weight_format == "fp8":
+            w = torch.empty(out_features, in_features, dtype=qz.FP8_DTYPE, device=device)
+        elif scheme.weight_bits == 8:
+            w = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        else:
+            w = torch.empty(out_features, qz.packed_width(in_features, scheme.weight_bits),
+                            dtype=torch.uint8, device=device)
+        self.register_buffer("weight", w)
+        self.register_buffer("weight_scale", torch.empty(rows, groups, dtype=torch.float32, device=device))
+        zp = None if scheme.weight_symmetric else torch.empty(rows, groups, dtype=torch.float32, device=device)
+        self.register_buffer("weight_zero_point", zp)
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        static = scheme.act_mode == "static_tensor"
+        self.register_buffer("input_scale", torch.empty(1, device=device) if static else None)
+        self.register_buffer("smooth_scale", torch.empty(in_features, device=device) if smooth else None)
+        signs = torch.empty(in_features, dtype=torch.int8, device=device) if rotation_block else None
+        self.register_buffer("rotation_signs", signs)
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: LayerScheme, *, name: str = "",
+                    weight: torch.Tensor | None = None, input_scale: float | torch.Tensor | None = None,
+                    smooth_scale: torch.Tensor | None = None, rotation_signs: torch.Tensor | None = None,
+                    rotation_block: int | None = None) -> "QuantLinear":
+        """Quantize ``linear`` (or a transformed ``weight`` a method computed for it) by RTN.
+
+        Methods that choose integer values themselves (GPTQ) use :meth:`from_quantized`.
+        """
+        w = (linear.weight if weight is None else weight).detach().float()
+        layer = name or "linear"
+        if scheme.weight_format == "fp8":
+            q, scale = qz.quantize_fp8(w, per_row=True, name=f"{layer}.weight")
+            zero = None
+        else:
+            q, scale, zero = qz.quantize_weight(
+                w, scheme.weight_bits, symmetric=scheme.weight_symmetric,
+                group_size=scheme.group_size if scheme.weight_granularity == "group" else None,
+                per_tensor=scheme.weight_granularity == "tensor", name=f"{layer}.weight")
+        return cls.from_quantized(linear, scheme, q, scale, zero, name=name, input_scale=input_scale,
+                                  smooth_scale=smooth_scale, rotation_signs=rotation_signs,
+                                  rotation_block=rotation_block)
+
+    @classmethod
+    def from_quantized(cls, linear: nn.Linear, scheme: LayerScheme, q: torch.Tensor, scale: torch.Tensor,
+                       zero: torch.Tensor | None, *, name: str = "", input_scale=None, smooth_scale=None,
+                       rotation_signs=None, rotation_block=None) -> "QuantLinear":
+        """Wrap already-quantized integer values ``q`` (unpacked, ``[N, K]``) with their scales."""
+        out_f, in_f = linear.weight.shape
+        dtype = linear.weight.dtype if linear.weight.is_floating_point() else torch.float32
+        mod = cls(in_f, out_f, scheme, bias=linear.bias is not None, smooth=smooth_scale is not None,
+                  rotation_block=rotation_block, dtype=dtype, device=linear.weight.device)
+        mod.layer_name = name
+        if scheme.weight_format == "fp8":
+            mod.weight.copy_(q)
+        else:
+            if not scheme.weight_symmetric:  # store offset to signed so packing is one code path
+                half = 2 ** (scheme.weight_bits - 1)
+                q, zero = q.to(torch.int16) - half, zero - half
+            mod.weight.copy_(qz.pack_bits(q.to(torch.int8), scheme.weight_bits))
+        mod.weight_scale.copy_(scale.reshape(mod.weight_scale.shape))
+        if zero is not None:
+            mod.weight_zero_point.copy_(zero.reshape(mod.weight_zero_point.shape))
+        if linear.bias is not None:
+            mod.bias.copy_(linear.bias.detach())
+        if mod.input_scale is not None:
+            if input_scale is None:
+                raise ValueError(f"layer {name!r}: static activations need a calibrated input_scale")
+            mod.input_scale.copy_(torch.as_tensor(input_scale, dtype=torch.float32).reshape(1))
+        if smooth_scale is not None:
+            mod.smooth_scale.copy_(smooth_scale)
+        if rotation_signs is not None:
+            mod.rotation_signs.copy_(rotation_signs)
+        return mod
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "layer_type": self.layer_type, "in_features": self.in_features,
+            "out_features": self.out_features, "bias": self.bias is not None,
+            "scheme": self.scheme.to_dict(), "smooth": self.smooth_scale is not None,
+            "rotation_block": self.rotation_block,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype = torch.float32) -> "QuantLinear":
+        return cls(spec["in_features"], spec["out_features"], LayerScheme.from_dict(spec["scheme"]),
+                   bias=spec["bias"], smooth=spec.get("smooth", False),
+                   rotation_block=spec.get("rotation_block"), dtype=dtype, device="meta")
+
+    # -- use ---------------------------------------------------------------------------------
+    def effective_weight(self) -> torch.Tensor:
+        from ..kernels import reference
+
+        w = reference.dequant_weight(self.weight, self.weight_scale, self.weight_zero_point,
+                                     bits=self.scheme.weight_bits, weight_format=self.scheme.weight_format,
+                                     in_features=self.in_features, dtype=torch.float32)
+        if self.rotation_signs is not None:  # the normalised Sylvester matrix is its own inverse
+            w = reference.block_hadamard(w, torch.ones_like(self.rotation_signs), self.rotation_block)
+            w = w * self.rotation_signs.float()
+        if self.smooth_scale is not None:
+            w = w / self.smooth_scale.float()
+        return w
+
+    def format_name(self) -> str:
+        return self.scheme.name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scheme
+        x2 = x.reshape(-1, self.in_features)
+        try:
+            y = kernels.quant_linear(
+                x2, weight=self.weight, weight_scale=self.weight_scale, weight_zero=self.weight_zero_point,
+                bias=self.bias, bits=s.weight_bits, weight_format=s.weight_format, in_features=self.in_features,
+                act_mode=s.act_mode, act_bits=s.act_bits, group_size=s.group_size, input_scale=self.input_scale,
+                smooth=self.smooth_scale, rotation_signs=self.rotation_signs, rotation_block=self.rotation_block)
+        except qz.NonFiniteError as e:
+            raise qz.NonFiniteError(f"layer {self.layer_name or '<unnamed>'}: input {e}") from None
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        extras = []
+        if self.smooth_scale is not None:
+            extras.append("smoothed")
+        if self.rotation_block:
+            extras.append(f"hadamard{self.rotation_block}")
+        tail = (", " + ", ".join(extras)) if extras else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"format={self.scheme.name}, bias={self.bias is not None}{tail}")

@@ -1,0 +1,181 @@
+"""Tensor quantizers: the numeric reference every layer, method and kernel is checked against.
+
+Conventions (methods.md §1):
+- uniform affine: ``q = clamp(round(x / scale) + zero, qmin, qmax)``, ``x_hat = (q - zero) * scale``;
+  ``torch.round`` rounds half to even, and the Triton kernels do the same.
+- symmetric b-bit integers use the range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (no -2^(b-1)), so negating
+  a quantized tensor never overflows; asymmetric ones use ``[0, 2^b - 1]`` with an integer zero point,
+  and the range is widened to include 0 so zero is exact.
+- granularities are expressed by the shape of ``scale``: a tensor ``[rows, K]`` is split along K into
+  ``G = scale.shape[-1]`` equal groups (G == 1: per row; rows == 1 as well: per tensor).
+- all-zero or constant rows get ``scale = eps`` instead of 0, so nothing divides by zero and the
+  row dequantizes exactly.
+- NaN/Inf input raises :class:`NonFiniteError` naming the tensor; quantization never invents NaNs.
+
+Packed storage (``pack_bits``): b-bit values (b < 8) are stored offset-binary (``u = q + 2^(b-1)``)
+along the last dimension, padded with zeros to a multiple of 8 values; each run of 8 values becomes
+``b`` bytes of one little-endian bit string, value ``i`` at bits ``[i*b, (i+1)*b)``. For int4 this is
+the usual nibble order: byte ``j`` holds value ``2j`` in its low nibble and ``2j+1`` in its high nibble.
+"""
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+SCALE_EPS = 1e-8
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf met where a quantizer needs finite values."""
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise NonFiniteError(f"{what}: {bad} NaN/Inf value(s); quantization needs finite input")
+
+
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"integer bits must be in 2..8, got {bits}")
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """View ``[rows, K]`` as ``[rows, groups, K // groups]``."""
+    rows, k = x.shape
+    if k % groups:
+        raise ValueError(f"width {k} is not divisible into {groups} groups")
+    return x.reshape(rows, groups, k // groups)
+
+
+def num_groups(width: int, group_size: int | None) -> int:
+    """Groups along a row of ``width`` for ``group_size`` (None: the whole row)."""
+    if group_size is None or group_size == width:
+        return 1
+    if group_size <= 0 or width % group_size:
+        raise ValueError(f"group_size {group_size} must divide the input width {width}")
+    return width // group_size
+
+
+def compute_scale(
+    x: torch.Tensor, bits: int, *, symmetric: bool = True, groups: int = 1, per_tensor: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max scale (and zero point when asymmetric) for a ``[rows, K]`` tensor.
+
+    Returns ``scale`` of shape ``[rows, groups]`` (``[1, 1]`` per tensor), float32, and ``zero`` of the
+    same shape (float32 holding integers) or None.
+    """
+    xf = x.float()
+    g = xf.reshape(1, 1, -1) if per_tensor else _grouped(xf, groups)
+    qmin, qmax = int_range(bits, symmetric)
+    if symmetric:
+        scale = g.abs().amax(dim=-1) / qmax
+        return scale.clamp_min(SCALE_EPS), None
+    lo = g.amin(dim=-1).clamp(max=0.0)
+    hi = g.amax(dim=-1).clamp(min=0.0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(SCALE_EPS)
+    zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, symmetric: bool = True
+) -> torch.Tensor:
+    """Quantize ``[rows, K]`` with ``scale``/``zero`` of shape ``[rows or 1, G]``; returns int8 (sym) or
+    uint8 (asym) values in the integer range of ``bits``."""
+    qmin, qmax = int_range(bits, symmetric)
+    rows, k = x.shape
+    groups = scale.shape[-1]
+    g = _grouped(x.float(), groups)
+    q = torch.round(g / scale.unsqueeze(-1))
+    if zero is not None:
+        q = q + zero.unsqueeze(-1)
+    q = q.clamp(qmin, qmax).reshape(rows, k)
+    return q.to(torch.int8 if symmetric else torch.uint8)
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None, dtype=torch.float32
+) -> torch.Tensor:
+    rows, k = q.shape
+    g = _grouped(q.float(), scale.shape[-1])
+    if zero is not None:
+        g = g - zero.float().unsqueeze(-1)
+    return (g * scale.float().unsqueeze(-1)).reshape(rows, k).to(dtype)
+
+
+def quantize_weight(
+    w: torch.Tensor, bits: int, *, symmetric: bool = True, group_size: int | None = None,
+    per_tensor: bool = False, name: str = "weight",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest weight quantization per output channel (or group / tensor)."""
+    check_finite(w, name)
+    groups = num_groups(w.shape[1], group_size)
+    scale, zero = compute_scale(w, bits, symmetric=symmetric, groups=groups, per_tensor=per_tensor)
+    return quantize(w, scale, zero, bits, symmetric), scale, zero
+
+
+def quantize_per_token(
+    x: torch.Tensor, bits: int = 8, *, group_size: int | None = None, name: str = "activation"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token (x per-group) quantization of ``[M, K]`` activations."""
+    scale, _ = compute_scale(x, bits, groups=num_groups(x.shape[1], group_size))
+    check_finite(scale, name)
+    return quantize(x, scale, None, bits), scale
+
+
+def quantize_fp8(x: torch.Tensor, *, per_row: bool = True, name: str = "tensor"):
+    """Scaled float8 e4m3: ``x ≈ x_fp8 * scale`` with one scale per row (or per tensor)."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True) if per_row else xf.abs().amax().reshape(1, 1)
+    check_finite(amax, name)
+    scale = (amax / FP8_MAX).clamp_min(SCALE_EPS)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def fake_quantize(x: torch.Tensor, bits: int, *, symmetric: bool = True, group_size: int | None = None,
+                  per_tensor: bool = False) -> torch.Tensor:
+    """Quantize then dequantize, in x's dtype. For calibration and analysis only: no memory saved."""
+    flat = x.reshape(-1, x.shape[-1])
+    q, scale, zero = quantize_weight(flat, bits, symmetric=symmetric, group_size=group_size,
+                                     per_tensor=per_tensor, name="fake_quantize input")
+    return dequantize(q, scale, zero, x.dtype).reshape(x.shape)
+
+
+def packed_width(width: int, bits: int) -> int:
+    """Bytes per row after :func:`pack_bits`."""
+    return width if bits == 8 else -(-width // 8) * bits
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed b-bit values ``[rows, K]`` (int8) into uint8 ``[rows, packed_width(K, b)]``."""
+    if bits == 8:
+        return q.to(torch.int8)
+    rows, k = q.shape
+    u = (q.to(torch.int64) + 2 ** (bits - 1))
+    pad = (-k) % 8
+    if pad:
+        u = torch.nn.functional.pad(u, (0, pad))
+    u = u.reshape(rows, -1, 8)
+    shifts = torch.arange(8, device=q.device, dtype=torch.int64) * bits
+    word = (u << shifts).sum(dim=-1)
+    byte_shifts = torch.arange(bits, device=q.device, dtype=torch.int64) * 8
+    packed = (word.unsqueeze(-1) >> byte_shifts) & 0xFF
+    return packed.reshape(rows, -1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: int8 ``[rows, width]``."""
+    if bits == 8:
+        return packed.to(torch.int8)
+    rows = packed.shape[0]
+    b = packed.to(torch.int64).reshape(rows, -1, bits)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    word = (b << byte_shifts).sum(dim=-1)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    u = (word.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return (u.reshape(rows, -1)[:, :width] - 2 ** (bits - 1)).to(torch.int8)
