@@ -25,13 +25,21 @@ def tiny_pixart_transformer(seed: int = 0, *, num_layers: int = 4, sample_size: 
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(seed)
-    return PixArtTransformer2DModel(
+    model = PixArtTransformer2DModel(
         sample_size=sample_size, num_layers=num_layers, patch_size=2, attention_head_dim=64,
         num_attention_heads=4, caption_channels=caption_channels, in_channels=4, out_channels=8,
         cross_attention_dim=256, attention_bias=True, activation_fn="gelu-approximate",
         num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
         norm_eps=1e-6, use_additional_conditions=False,
     ).eval()
+    # At random init the adaLN gates are ~0.06, so every block is nearly the identity and any
+    # quantization looks lossless. Open the attention and MLP gates (rows 2 and 5) as training does,
+    # so the blocks shape the output and quantization error shows.
+    with torch.no_grad():
+        for block in model.transformer_blocks:
+            block.scale_shift_table[2] += 1.0
+            block.scale_shift_table[5] += 1.0
+    return model
 
 
 def tiny_vae(seed: int = 0):
@@ -51,3 +59,61 @@ def tiny_pixart_pipeline(seed: int = 0, variant: str = "alpha"):
     tokenizer, text_encoder = tiny_text_encoder(seed=seed)
     return cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(seed),
                transformer=tiny_pixart_transformer(seed), scheduler=DPMSolverMultistepScheduler())
+
+
+def plant_modulation_outliers(transformer, channels=(3, 77, 200), factor: float = 100.0):
+    """Make a PixArt transformer hard to quantize without changing what it computes.
+
+    Real DiTs have a few input channels whose activations are orders of magnitude larger than the
+    rest, produced by the adaLN modulation and varying with the timestep. We plant that structure:
+    for each channel c, the modulated inputs of attn1 and ff (``norm(x)·(1+scale)+shift``) are
+    multiplied by ``factor`` — through the shared ``adaln_single.linear`` rows and every block's
+    ``scale_shift_table`` — and the matching input columns of the consuming Linears are divided by
+    ``factor``. The full-precision output is unchanged (up to float rounding); per-tensor and
+    per-token activation quantizers now see channels ``factor`` times larger than the rest.
+    """
+    import torch
+
+    d = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    lin = transformer.adaln_single.linear  # D -> 6D: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+    consumers = {0: ("attn1.to_q", "attn1.to_k", "attn1.to_v"), 3: ("ff.net.0.proj",)}
+    with torch.no_grad():
+        for chunk, names in consumers.items():
+            for c in channels:
+                shift, scale = chunk * d + c, (chunk + 1) * d + c
+                # (1 + s') = a (1 + s) and shift' = a shift, with s = table + lin(emb)
+                for row in (shift, scale):
+                    lin.weight[row] *= factor
+                    lin.bias[row] *= factor
+                lin.bias[scale] += factor - 1
+                for block in transformer.transformer_blocks:
+                    block.scale_shift_table[chunk, c] *= factor
+                    block.scale_shift_table[chunk + 1, c] *= factor
+                    for name in names:
+                        block.get_submodule(name).weight[:, c] /= factor
+    return transformer
+
+
+def stress_pixart_pipeline(seed: int = 0, variant: str = "alpha"):
+    """The built-in PixArt with planted modulation-path outliers (see plant_modulation_outliers)."""
+    pipe = tiny_pixart_pipeline(seed, variant)
+    plant_modulation_outliers(pipe.transformer)
+    return pipe
+
+
+# Keyword arguments the tiny DiT pipeline is called with.
+DIT_CALL = dict(num_inference_steps=10, guidance_scale=4.0)
+
+
+def tiny_dit_pipeline(seed: int = 0, num_classes: int = 10):  # labels 0..num_classes-1; 1000 is the null class
+    """A class-conditional DiT (the paper setting of Q-DiT/VQ4DiT, DiT-XL/2 in miniature):
+    4 blocks of width 256, 16x16 latents, 32x32 images, ``num_classes`` ImageNet-style labels."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=4, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=4,
+        sample_size=16, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
+    ).eval()
+    id2label = {i: f"class {i}" for i in range(num_classes)}
+    return DiTPipeline(transformer=transformer, vae=tiny_vae(seed), scheduler=DDIMScheduler(), id2label=id2label)

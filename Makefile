@@ -1,0 +1,21 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml requirements.txt
+	python3 -m venv $(VENV)
+	# torch first, pinned: on these CPU machines the pin takes the local CPU wheel, while an
+	# unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m ditq demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+.PHONY: install demo test

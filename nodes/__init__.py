@@ -1,0 +1,1 @@
+"""ComfyUI nodes (thin adapters over the quant core)."""

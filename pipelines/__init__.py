@@ -1,0 +1,1 @@
+"""diffusers / Hugging Face Hub integration."""
