@@ -13,9 +13,11 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m ditq demo
+	$(VENV)/bin/ditq demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 .PHONY: install demo test
+# The console scripts (not `python -m`) keep this checkout off sys.path: its kernels/ and nodes/
+# folders would otherwise shadow top-level packages of the same names that diffusers looks for.

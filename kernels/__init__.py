@@ -5,6 +5,14 @@ quantization, then the integer / FP8 GEMM, or the weight-only path) through ``di
 """
 from __future__ import annotations
 
+if not __package__ or "." not in __package__:
+    # The ditq checkout is on sys.path (e.g. `python -m ...` run from its root), so another
+    # library looking for a top-level `kernels` package (diffusers probes for HF `kernels`) found
+    # this folder. Say so instead of failing on a relative import.
+    raise ImportError("this is ditq's kernels/ folder, imported as a top-level package because the ditq "
+                      "checkout is on sys.path; run from another directory, or use the `ditq` / `pytest` "
+                      "commands instead of `python -m` inside the checkout")
+
 import torch
 
 from .dispatch import backend, op, register_triton

@@ -8,7 +8,7 @@ import torch
 
 # Keyword arguments the tiny pipelines are called with (no resolution binning, short captions).
 PIXART_CALL = dict(num_inference_steps=10, guidance_scale=4.5, use_resolution_binning=False,
-                   max_sequence_length=32, clean_caption=False)
+                   max_sequence_length=80, clean_caption=False)
 
 
 def tiny_text_encoder(d_model: int = 64, seed: int = 0):

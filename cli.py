@@ -1,0 +1,103 @@
+"""Command line: ``python -m ditq demo | quantize | info``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.model, args.presets, args.out, args.prompt, args.seed, args.calib_prompts)
+    return 0
+
+
+def _quantize(args) -> int:
+    import torch
+
+    from .demo import load_pipeline
+    from .quant_core.calibration import calibrate
+    from .quant_core.config import QuantConfig
+    from .quant_core.methods import get_method
+    from .quant_core.prompts import load_prompts
+    from .quant_core.quantize import quantize
+    from .quant_core.serialization import save_quantized
+
+    cfg = QuantConfig.from_json(Path(args.config).read_text()) if args.config else QuantConfig.preset(args.preset)
+    pipe, call = load_pipeline(args.model, getattr(torch, args.dtype))
+    pipe.set_progress_bar_config(disable=True)
+    needs = get_method(cfg.method).needs(cfg)
+    calib = None
+    if needs:
+        extra = {k: v for k, v in call.items() if k != "num_inference_steps"}
+        calib = calibrate(pipe, load_prompts("calibration")[: args.calib_prompts],
+                          num_inference_steps=args.steps or call["num_inference_steps"], needs=needs, **extra)
+    report = quantize(pipe.transformer, cfg, calib)
+    print(report)
+    print(f"saved to {save_quantized(pipe.transformer, args.out)}")
+    return 0
+
+
+def _info(args) -> int:
+    from .quant_core.serialization import CONFIG_NAME, CheckpointError, check_quantization_config, read_safetensors
+
+    path = Path(args.path)
+    try:
+        if path.suffix == ".safetensors":
+            tensors, meta = read_safetensors(path)
+            if "ditq.quantization_config" not in meta:
+                raise CheckpointError(f"{path}: no ditq quantization config in the header")
+            qcfg = json.loads(meta["ditq.quantization_config"])
+        else:
+            cfg_path = path / CONFIG_NAME if path.is_dir() else path
+            if not cfg_path.is_file():
+                raise CheckpointError(f"{path}: no {CONFIG_NAME} here")
+            qcfg = json.loads(cfg_path.read_text()).get("quantization_config")
+        check_quantization_config(qcfg, str(path))
+    except (CheckpointError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    formats = Counter(spec.get("scheme", {}).get("weight_bits", spec["layer_type"]) if spec["layer_type"] == "linear"
+                      else spec["layer_type"] for spec in qcfg["layers"].values())
+    print(f"ditq format v{qcfg['format_version']}, method {qcfg.get('method')}, {len(qcfg['layers'])} quantized layers")
+    for fmt, n in sorted(formats.items(), key=str):
+        print(f"  {n:4d} x {'int' + str(fmt) + ' weights' if isinstance(fmt, int) else fmt}")
+    print(f"  kept in full precision: {len(qcfg.get('ignore', []))} Linear layers")
+    if args.verify:
+        from .quant_core.serialization import load_quantized
+
+        load_quantized(path)
+        print("verified: the model loads from this checkpoint alone")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ditq", description="Post-training quantization for diffusion transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="quantize a PixArt with every preset; side-by-side PNG and a table")
+    d.add_argument("--model", help="diffusers PixArt folder or Hub repo id (default: the built-in tiny PixArt)")
+    d.add_argument("--presets", nargs="+", help="presets to run (default: all)")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--prompt")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--calib-prompts", type=int, default=4)
+    d.set_defaults(fn=_demo)
+    q = sub.add_parser("quantize", help="quantize a PixArt transformer and save it")
+    q.add_argument("--model", help="diffusers PixArt folder or Hub repo id (default: built-in)")
+    g = q.add_mutually_exclusive_group(required=True)
+    g.add_argument("--preset")
+    g.add_argument("--config", help="QuantConfig JSON file")
+    q.add_argument("--out", required=True, help="output folder, or a .safetensors file")
+    q.add_argument("--calib-prompts", type=int, default=8)
+    q.add_argument("--steps", type=int)
+    q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    q.set_defaults(fn=_quantize)
+    i = sub.add_parser("info", help="describe a quantized checkpoint")
+    i.add_argument("path")
+    i.add_argument("--verify", action="store_true", help="also load it fully")
+    i.set_defaults(fn=_info)
+    args = parser.parse_args(argv)
+    return args.fn(args)

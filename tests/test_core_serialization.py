@@ -1,0 +1,184 @@
+"""Save/load: exact reproduction from the file alone (fresh process), strict validation, atomic writes."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from ditq import CheckpointError, QuantConfig, load_quantized, quantize, save_quantized
+from ditq.quant_core.layers import QuantLinear
+from ditq.quant_core.serialization import WEIGHTS_NAME
+
+
+@pytest.fixture(scope="module")
+def quantized_w4(tiny_pipe):
+    import copy
+
+    transformer = copy.deepcopy(tiny_pipe.transformer)
+    quantize(transformer, QuantConfig.preset("rtn-w4a8"), progress=False)
+    return transformer
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(2, 4, 16, 16, generator=g), timestep=torch.tensor([500, 500]),
+                encoder_hidden_states=torch.randn(2, 7, 64, generator=g),
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+
+
+def test_folder_round_trip_in_fresh_process(tmp_path, quantized_w4):
+    save_quantized(quantized_w4, tmp_path / "q")
+    with torch.no_grad():
+        expected = quantized_w4(**_inputs(), return_dict=False)[0]
+    from safetensors.torch import save_file
+
+    save_file({"expected": expected.contiguous()}, str(tmp_path / "expected.safetensors"))
+    script = textwrap.dedent(f"""
+        import torch, sys
+        from safetensors.torch import load_file
+        from ditq import load_quantized
+        from ditq.quant_core.layers import QuantLinear
+        m = load_quantized({str(tmp_path / "q")!r})
+        assert sum(isinstance(x, QuantLinear) for x in m.modules()) == 40
+        g = torch.Generator().manual_seed(0)
+        inp = dict(hidden_states=torch.randn(2, 4, 16, 16, generator=g), timestep=torch.tensor([500, 500]),
+                   encoder_hidden_states=torch.randn(2, 7, 64, generator=g),
+                   added_cond_kwargs={{"resolution": None, "aspect_ratio": None}})
+        with torch.no_grad():
+            out = m(**inp, return_dict=False)[0]
+        exp = load_file({str(tmp_path / "expected.safetensors")!r})["expected"]
+        sys.exit(0 if torch.equal(out, exp) else 3)
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_single_file_round_trip_and_dtype(tmp_path, quantized_w4):
+    path = save_quantized(quantized_w4, tmp_path / "q.safetensors")
+    m = load_quantized(path, torch_dtype=torch.bfloat16)
+    layer = m.transformer_blocks[0].attn1.to_q
+    assert isinstance(layer, QuantLinear) and layer.weight.dtype == torch.uint8
+    assert layer.weight_scale.dtype == torch.float32 and layer.bias.dtype == torch.bfloat16
+    assert m.proj_out.weight.dtype == torch.bfloat16
+    src = quantized_w4.transformer_blocks[0].attn1.to_q
+    assert torch.equal(layer.weight, src.weight) and torch.equal(layer.weight_scale, src.weight_scale)
+
+
+def test_loaded_model_holds_no_float_block_weights(tmp_path, quantized_w4):
+    save_quantized(quantized_w4, tmp_path / "q")
+    m = load_quantized(tmp_path / "q")
+    for name, t in m.state_dict().items():
+        if name.startswith("transformer_blocks") and t.dim() == 2 and t.numel() >= 256 * 256 // 2:
+            assert not t.is_floating_point() or t.dtype == torch.float8_e4m3fn, name
+    assert all(p.device.type == "cpu" for p in m.state_dict().values())
+
+
+def test_truncated_file(tmp_path, quantized_w4):
+    save_quantized(quantized_w4, tmp_path / "q")
+    f = tmp_path / "q" / WEIGHTS_NAME
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=rf"{WEIGHTS_NAME}.*truncated or corrupt"):
+        load_quantized(tmp_path / "q")
+
+
+def test_wrong_shape_names_the_tensor(tmp_path, quantized_w4):
+    from safetensors.torch import load_file, save_file
+
+    save_quantized(quantized_w4, tmp_path / "q")
+    f = tmp_path / "q" / WEIGHTS_NAME
+    sd = load_file(str(f))
+    key = "transformer_blocks.1.ff.net.2.weight_scale"
+    sd[key] = sd[key][:-1].contiguous()
+    save_file(sd, str(f))
+    with pytest.raises(CheckpointError, match=rf"'{key}' has shape \(255, 1\), expected \(256, 1\)"):
+        load_quantized(tmp_path / "q")
+
+
+def test_missing_and_unexpected_tensors(tmp_path, quantized_w4):
+    from safetensors.torch import load_file, save_file
+
+    save_quantized(quantized_w4, tmp_path / "q")
+    f = tmp_path / "q" / WEIGHTS_NAME
+    sd = load_file(str(f))
+    sd.pop("transformer_blocks.0.attn1.to_k.weight")
+    save_file(sd, str(f))
+    with pytest.raises(CheckpointError, match="missing tensor.*attn1.to_k.weight"):
+        load_quantized(tmp_path / "q")
+
+
+def test_unknown_format_version_and_layer_type(tmp_path, quantized_w4):
+    save_quantized(quantized_w4, tmp_path / "q")
+    cfg_path = tmp_path / "q" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["format_version"] = 99
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unknown ditq format_version 99"):
+        load_quantized(tmp_path / "q")
+    cfg["quantization_config"]["format_version"] = 1
+    cfg["quantization_config"]["layers"]["transformer_blocks.0.attn1.to_q"]["layer_type"] = "mystery"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="'transformer_blocks.0.attn1.to_q' has unknown layer_type 'mystery'"):
+        load_quantized(tmp_path / "q")
+
+
+def test_unsupported_bits_in_file(tmp_path, quantized_w4):
+    save_quantized(quantized_w4, tmp_path / "q")
+    cfg_path = tmp_path / "q" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["layers"]["transformer_blocks.0.ff.net.2"]["scheme"]["weight_bits"] = 11
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="transformer_blocks.0.ff.net.2.*weight_bits=11 unsupported"):
+        load_quantized(tmp_path / "q")
+
+
+def test_remote_code_class_refused(tmp_path, quantized_w4):
+    save_quantized(quantized_w4, tmp_path / "q")
+    cfg_path = tmp_path / "q" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["_class_name"] = "os.system"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="not a diffusers model class"):
+        load_quantized(tmp_path / "q")
+
+
+def test_failed_save_writes_nothing_and_keeps_previous(tmp_path, quantized_w4, monkeypatch):
+    target = tmp_path / "q"
+    save_quantized(quantized_w4, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    import safetensors.torch as st
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(quantized_w4, target)
+    with pytest.raises(OSError):
+        save_quantized(quantized_w4, tmp_path / "fresh")
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # no temp files, old files intact
+    assert not (tmp_path / "fresh" / WEIGHTS_NAME).exists()
+    assert not [p for p in (tmp_path / "fresh").glob("*")]
+
+
+def test_unwritable_output_names_the_folder(tmp_path, quantized_w4):
+    # a file where the parent folder should be: unwritable even for root, unlike permission bits
+    (tmp_path / "blocker").write_text("x")
+    with pytest.raises(OSError, match=r"cannot write .*blocker.*is not writable"):
+        save_quantized(quantized_w4, tmp_path / "blocker" / "q")
+    with pytest.raises(OSError, match="is not writable"):
+        save_quantized(quantized_w4, tmp_path / "blocker" / "q.safetensors")
+
+
+def test_file_exists_where_folder_expected(tmp_path, quantized_w4):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OSError, match="exists and is not a folder"):
+        save_quantized(quantized_w4, tmp_path / "afile")
+
+
+def test_quantizing_twice_refused(quantized_w4):
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(quantized_w4, QuantConfig.preset("rtn-w4a8"), progress=False)
