@@ -7,13 +7,13 @@ ComfyUI's sampler, and both produce the same :class:`CalibrationData`.
 """
 from __future__ import annotations
 
-import inspect
 import json
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from .evaluation import takes_prompts
 from .models import select_layers
 
 FORMAT_VERSION = 1
@@ -183,10 +183,6 @@ class CalibrationRecorder:
         return CalibrationData(stats, torch.tensor(self.timesteps), dict(meta or {}))
 
 
-def _takes_prompts(pipe) -> bool:
-    return "prompt" in inspect.signature(pipe.__call__).parameters
-
-
 def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int = 0, *,
               needs: Sequence[str] = ("act_absmax",), guidance_scale: float | None = None,
               batch_size: int = 1, layers: Iterable[str] | None = None, progress: bool = True,
@@ -210,7 +206,7 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
     kwargs = dict(pipe_kwargs)
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
-    text = _takes_prompts(pipe)
+    text = takes_prompts(pipe)
     if text:
         kwargs.setdefault("output_type", "latent")
     if hasattr(pipe, "set_progress_bar_config"):

@@ -26,3 +26,11 @@ def test_info_on_bad_file(tmp_path):
     bad.write_bytes(b"\x00" * 10)
     res = ditq("info", str(bad), cwd=tmp_path)
     assert res.returncode == 2 and "bad.safetensors" in res.stderr
+
+
+def test_demo_writes_table_and_picture(tmp_path):
+    res = ditq("demo", "--presets", "rtn-w8a8-dynamic", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| rtn-w8a8-dynamic | int8 / a8-token | 0.506x | 0.506x |" in res.stdout
+    assert (tmp_path / "out" / "side_by_side.png").stat().st_size > 0
+    assert "rtn-w8a8-dynamic" in (tmp_path / "out" / "results.md").read_text()

@@ -35,3 +35,6 @@ register_preset("rtn-w4a8", lambda: QuantConfig(method="rtn", weight_bits=4, act
 register_preset("rtn-w4a16", lambda: QuantConfig(method="rtn", weight_bits=4, act_bits=None))
 register_preset("rtn-fp8", lambda: QuantConfig(method="rtn", weight_bits=8, weight_format="fp8", act_bits=8,
                                                act_mode="dynamic_token_fp8"))
+# Low-bit weight-only baselines the VQ and mixed-precision methods are measured against.
+register_preset("rtn-w3a16", lambda: QuantConfig(method="rtn", weight_bits=3, act_bits=None))
+register_preset("rtn-w2a16", lambda: QuantConfig(method="rtn", weight_bits=2, act_bits=None))

@@ -1,0 +1,162 @@
+"""Measuring a quantized pipeline against its full-precision self: deterministic sampling that
+returns both final latents and decoded images, byte counts, and picture grids. Shared by the demo,
+the benches and the search fitness of methods."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def takes_prompts(pipe) -> bool:
+    return "prompt" in inspect.signature(pipe.__call__).parameters
+
+
+def sample(pipe, condition, seed: int, call: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final latents (as handed to the VAE) and images ``[1, 3, H, W]`` in [0, 1] for one prompt
+    (text pipelines) or class label (``DiTPipeline``), one seed."""
+    captured = {}
+    vae = pipe.vae
+    original = vae.decode
+
+    def decode(z, *args, **kwargs):
+        captured["latents"] = z.detach().float().clone()
+        return original(z, *args, **kwargs)
+
+    vae.decode = decode
+    try:
+        gen = torch.Generator("cpu").manual_seed(seed)
+        if takes_prompts(pipe):
+            images = pipe(condition, generator=gen, output_type="pt", **call).images
+        else:
+            images = pipe(class_labels=[condition], generator=gen, output_type="pt", **call).images
+    finally:
+        del vae.decode  # drop the instance attribute: the class method is visible again
+    return captured["latents"], images.float()
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds (what it costs in memory)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def file_tensor_bytes(path, layers: set[str]) -> int:
+    """Bytes the given layers' tensors occupy in a safetensors file, biases excluded (the weight's
+    packed values, scales, zero points, codebooks, smoothing vectors)."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            layer, _, buf = key.rpartition(".")
+            if layer in layers and buf != "bias":
+                t = f.get_tensor(key)
+                total += t.numel() * t.element_size()
+    return total
+
+
+def image_grid(rows: list[list[torch.Tensor]], labels: list[str], path, min_size: int = 128) -> Path:
+    """Save a PNG grid: one row per prompt, one column per label (images ``[1, 3, H, W]``)."""
+    from PIL import Image, ImageDraw
+
+    def tile(img):
+        arr = (img[0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        t = Image.fromarray(arr)
+        if t.width < min_size:  # tiny models: enlarge without smoothing so pixels stay visible
+            f = -(-min_size // t.width)
+            t = t.resize((t.width * f, t.height * f), Image.NEAREST)
+        return t
+
+    tiles = [[tile(img) for img in row] for row in rows]
+    w, h, pad = tiles[0][0].width, tiles[0][0].height, 16
+    sheet = Image.new("RGB", (w * len(labels), pad + h * len(tiles)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for j, label in enumerate(labels):
+        draw.text((j * w + 3, 2), label[: w // 6], fill="black")
+    for i, row in enumerate(tiles):
+        for j, t in enumerate(row):
+            sheet.paste(t, (j * w, pad + i * h))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def compare_presets(pipe, call: dict, presets: list[str], conditions: list, seeds: list[int],
+                    calib_conditions: list, *, calib_steps: int | None = None, progress: bool = True):
+    """Quantize a copy of ``pipe.transformer`` with each preset and measure it against full precision.
+
+    Calibrates once (the union of what the presets' methods need) on ``calib_conditions``; samples every
+    (condition, seed) pair. Returns ``(rows, images)``: one dict of figures per preset (weight bytes in
+    memory and on disk vs fp16, resident and checkpoint bytes, PSNR/SSIM of images, latent rel-L2,
+    weight SQNR, calibration/quantization seconds) and, per preset, the images of the first pair
+    (``images["FP"]`` too). ``fp_resident_mb`` is the full-precision transformer's size.
+    """
+    import copy
+    import tempfile
+    import time
+
+    from .calibration import calibrate
+    from .config import QuantConfig
+    from .methods import get_method
+    from .metrics import psnr, rel_l2, ssim
+    from .quantize import quantize
+    from .serialization import WEIGHTS_NAME, save_quantized
+
+    configs = {name: QuantConfig.preset(name) for name in presets}
+    pairs = [(c, s) for c in conditions for s in seeds]
+    fp = [sample(pipe, c, s, call) for c, s in pairs]
+    needs = sorted({s for cfg in configs.values() for s in get_method(cfg.method).needs(cfg)})
+    calib, calib_s = None, 0.0
+    if needs:
+        t0 = time.perf_counter()
+        extra = {k: v for k, v in call.items() if k != "num_inference_steps"}
+        calib = calibrate(pipe, calib_conditions, num_inference_steps=calib_steps or call["num_inference_steps"],
+                          needs=needs, progress=progress, **extra)
+        calib_s = time.perf_counter() - t0
+    fp_transformer = pipe.transformer
+    fp_mb = resident_bytes(fp_transformer) / 2**20
+    rows, images = [], {"FP": fp[0][1]}
+    for name, cfg in configs.items():
+        transformer = copy.deepcopy(fp_transformer)
+        t0 = time.perf_counter()
+        report = quantize(transformer, cfg, calib, progress=progress)
+        quant_s = time.perf_counter() - t0
+        pipe.transformer = transformer
+        try:
+            outs = [sample(pipe, c, s, call) for c, s in pairs]
+        finally:
+            pipe.transformer = fp_transformer
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_quantized(transformer, Path(tmp) / "q")
+            disk = file_tensor_bytes(folder / WEIGHTS_NAME, {r.name for r in report.layers})
+            ckpt = (folder / WEIGHTS_NAME).stat().st_size
+        formats = sorted({r.format for r in report.layers})
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        rows.append(dict(
+            preset=name, format=", ".join(formats) if len(formats) <= 2 else f"mixed ({len(formats)} formats)",
+            weight_ratio_memory=report.ratio, weight_ratio_disk=disk / report.fp16_bytes,
+            resident_mb=resident_bytes(transformer) / 2**20, fp_resident_mb=fp_mb, checkpoint_mb=ckpt / 2**20,
+            psnr_db=mean([psnr(f[1], o[1]) for f, o in zip(fp, outs)]),
+            ssim=mean([ssim(f[1], o[1]) for f, o in zip(fp, outs)]),
+            latent_rel_l2=mean([rel_l2(f[0], o[0]) for f, o in zip(fp, outs)]),
+            weight_sqnr_db=report.mean_sqnr_db, calibrate_s=calib_s if get_method(cfg.method).needs(cfg) else 0.0,
+            quantize_s=quant_s))
+        images[name] = outs[0][1]
+        del transformer
+    return rows, images
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows of :func:`compare_presets` as a markdown table."""
+    head = ("| preset | weight format | weight bytes vs fp16 (memory) | on disk | resident MB (FP) "
+            "| image PSNR dB | SSIM | latent rel-L2 | weight SQNR dB | calibrate s | quantize s |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['format']} | {r['weight_ratio_memory']:.3f}x | "
+                     f"{r['weight_ratio_disk']:.3f}x | {r['resident_mb']:.2f} ({r['fp_resident_mb']:.2f}) | "
+                     f"{r['psnr_db']:.2f} | {r['ssim']:.4f} | {r['latent_rel_l2']:.4f} | "
+                     f"{r['weight_sqnr_db']:.1f} | {r['calibrate_s']:.1f} | {r['quantize_s']:.1f} |")
+    return "\n".join(lines)
