@@ -16,7 +16,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are deco
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="Triton is not installed (pip install 'ditq[triton]')")
+triton = pytest.importorskip("triton", reason="Triton is not installed (pip install 'ditq[triton]')")
+if tuple(map(int, triton.__version__.split(".")[:2])) < (3, 9):
+    import numpy
+
+    if tuple(map(int, numpy.__version__.split(".")[:2])) >= (2, 4):
+        pytest.skip(f"the interpreter of Triton {triton.__version__} breaks on loops with runtime bounds under "
+                    f"NumPy {numpy.__version__} (use Triton >= 3.9 or NumPy < 2.4)", allow_module_level=True)
 
 from ditq.kernels import reference as ref  # noqa: E402
 from ditq.kernels import triton_act_quant as aq  # noqa: E402
