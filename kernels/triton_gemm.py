@@ -1,0 +1,321 @@
+"""Triton GEMMs for quantized linears: W8A8 / W4A8 int8, FP8 W8A8, weight-only and VQ decode.
+
+Weights are stored ``[N, K]`` K-contiguous (kernels.md §2.4: 8-bit wgmma wants K-major operands).
+
+``_scaled_gemm_kernel`` (int8 and fp8 tensor cores): for each group ``g`` of K it accumulates
+``sum_k x[m,k] * w[n,k]`` exactly (int32, or fp32 for fp8) and adds
+``sx[m,g] * sw[n,g] * (acc - rowsum_g(x)[m] * zw[n,g])`` in fp32; per-channel scales are one group,
+so the rescale runs once in the epilogue (Q-DiT's group-wise path rescales once per group). The
+weight zero-point correction uses the row sums of the int8 activation tile, taken in the same loop
+(no separate row-sum tensor). int4 weights are unpacked to int8 in registers and made the left
+operand of ``tl.dot`` (computing Yᵀ = W·Xᵀ), which Hopper runs as register-sourced wgmma instead of
+writing the unpacked tile back to shared memory (§4.3).
+
+``_dequant_gemm_kernel`` (16-bit tensor cores): decodes int8 / int4 / fp8 weights with their scales,
+or VQ indices through the codebook, to the activation dtype in registers, again as the left operand.
+
+Tile configs are autotuned per (bucketed M, N, K, group size, format); under ``TRITON_INTERPRET=1``
+a single small config is used (the autotuner needs a GPU to time more than one).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Hopper: GemLite's and lmdeploy's H100 int8
+# winners (kernels.md §2.2, §2.4), all within 227 KB of shared memory, BLOCK_K >= 32.
+HOPPER_INT8 = [(128, 256, 128, 8, 4), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),
+               (64, 128, 128, 4, 4), (64, 64, 256, 4, 3)]
+AMPERE_INT8 = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 3)]
+HOPPER_FLOAT = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (32, 128, 64, 4, 4),
+                (16, 128, 128, 4, 4)]
+AMPERE_FLOAT = [(128, 128, 32, 4, 4), (64, 128, 32, 4, 4), (32, 128, 64, 4, 3), (16, 128, 64, 4, 3)]
+INTERPRET_TILE = (32, 32, 32, 4, 1)
+MIN_GROUP = 32  # int8 wgmma needs BLOCK_K >= 32, and a K-step may not cross a group boundary
+VQ_FUSED_MAX_M = 256  # above this many rows, decode the weight once and use the dense matmul
+
+
+def empty_output(shape, device, dtype) -> torch.Tensor:
+    """Every kernel output is allocated here (tests replace it to poison outputs and catch unwritten
+    elements)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _hopper() -> bool:
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability() >= (9, 0)
+
+
+def _configs(tiles) -> list:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in ([INTERPRET_TILE] if INTERPRET else tiles)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles whose K-step would cross a group, and M tiles far taller than the problem."""
+    m, gs, k = named_args["M"], named_args["GS"], named_args["K"]
+    ok = [c for c in configs if gs == k or gs % c.kwargs["BLOCK_K"] == 0]
+    fit = [c for c in ok if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))]
+    return fit or ok[-1:] or configs[-1:]
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), 8192)
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row-tiles share each weight column-tile while it sits in L2."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    width = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def _load_weight(w_ptr, rn, k0, K, KP, stride_wn, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    """``[BLOCK_N, BLOCK_K]`` weight values at columns ``k0 ...``: stored 8-bit values as they are,
+    int4 unpacked from offset-binary nibbles (byte j: value 2j low, 2j+1 high) to signed int8."""
+    if BITS == 4:
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        ptrs = w_ptr + rn[:, None] * stride_wn + kb[None, :]
+        p = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=kb[None, :] < KP, other=0)
+        w = tl.interleave((p & 0xF).to(tl.int8) - 8, (p >> 4).to(tl.int8) - 8)
+    else:
+        rk = k0 + tl.arange(0, BLOCK_K)
+        ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
+        w = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=rk[None, :] < K, other=0.0)
+    return w
+
+
+@triton.jit
+def _load_x(x_ptr, rm, k0, K, stride_xm, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    rk = k0 + tl.arange(0, BLOCK_K)
+    ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    return tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=rk[None, :] < K, other=0.0)
+
+
+@triton.jit
+def _store_tile(y_ptr, out, b_ptr, pid_m, pid_n, M, N, stride_ym, HAS_BIAS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add the bias in fp32, round once to the output dtype, store the in-bounds part."""
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _scaled_gemm_kernel(
+    x_ptr, w_ptr, sx_ptr, sw_ptr, zw_ptr, b_ptr, y_ptr,
+    M, N, K, KP, GS, M_BUCKET,
+    stride_xm, stride_wn, stride_sxm, stride_sxg, stride_swn, stride_swg, stride_zn, stride_zg, stride_ym,
+    BITS: tl.constexpr, FP8: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    WEIGHT_LHS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    # wrap out-of-range rows/columns onto valid ones: loads need no mask, the store drops them
+    rm = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+    rn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+    acc_dtype: tl.constexpr = tl.float32 if FP8 else tl.int32
+    out = tl.zeros((BLOCK_N, BLOCK_M) if WEIGHT_LHS else (BLOCK_M, BLOCK_N), tl.float32)
+    for g in range(0, tl.cdiv(K, GS)):
+        acc = tl.zeros((BLOCK_N, BLOCK_M) if WEIGHT_LHS else (BLOCK_M, BLOCK_N), acc_dtype)
+        row_sum = tl.zeros((BLOCK_M,), tl.int32)
+        for kk in range(0, tl.cdiv(GS, BLOCK_K)):
+            k0 = g * GS + kk * BLOCK_K
+            x = _load_x(x_ptr, rm, k0, K, stride_xm, BLOCK_K, EVEN_K)
+            w = _load_weight(w_ptr, rn, k0, K, KP, stride_wn, BLOCK_K, BITS, EVEN_K)
+            if WEIGHT_LHS:
+                acc += tl.dot(w, tl.trans(x))
+            else:
+                acc += tl.dot(x, tl.trans(w))
+            if HAS_ZERO:
+                row_sum += tl.sum(x.to(tl.int32), axis=1)
+        part = acc.to(tl.float32)
+        sx = tl.load(sx_ptr + rm * stride_sxm + g * stride_sxg)
+        sw = tl.load(sw_ptr + rn * stride_swn + g * stride_swg)
+        if WEIGHT_LHS:
+            if HAS_ZERO:
+                part -= tl.load(zw_ptr + rn * stride_zn + g * stride_zg)[:, None] * row_sum.to(tl.float32)[None, :]
+            out += part * sw[:, None] * sx[None, :]
+        else:
+            if HAS_ZERO:
+                part -= row_sum.to(tl.float32)[:, None] * tl.load(zw_ptr + rn * stride_zn + g * stride_zg)[None, :]
+            out += part * sx[:, None] * sw[None, :]
+    if WEIGHT_LHS:
+        out = tl.trans(out)
+    _store_tile(y_ptr, out, b_ptr, pid_m, pid_n, M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _dequant_gemm_kernel(
+    x_ptr, w_ptr, sw_ptr, zw_ptr, cb_ptr, b_ptr, y_ptr,
+    M, N, K, KP, GS, M_BUCKET,
+    stride_xm, stride_wn, stride_swn, stride_swg, stride_zn, stride_zg, stride_ym,
+    BITS: tl.constexpr, VQ_DIM: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y = X · decode(W)ᵀ with 16-bit MMAs. VQ_DIM > 0: ``w_ptr`` holds uint8 codebook indices
+    ``[N, ceil(K / VQ_DIM)]`` into ``cb_ptr [entries, VQ_DIM]``; else integer / fp8 values with
+    scales ``[N, G]``. UPCAST (interpreter only) runs the dot in fp32: interpreted bf16 dots are wrong."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+    rn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+    dot_dtype: tl.constexpr = tl.float32 if UPCAST else x_ptr.dtype.element_ty
+    precision: tl.constexpr = "ieee" if dot_dtype == tl.float32 else "tf32"
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = _load_x(x_ptr, rm, k0, K, stride_xm, BLOCK_K, EVEN_K)
+        if VQ_DIM > 0:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            code = tl.load(w_ptr + rn[:, None] * stride_wn + (rk // VQ_DIM)[None, :],
+                           mask=rk[None, :] < K, other=0).to(tl.int32)
+            w = tl.load(cb_ptr + code * VQ_DIM + (rk % VQ_DIM)[None, :]).to(tl.float32)
+        else:
+            w = _load_weight(w_ptr, rn, k0, K, KP, stride_wn, BLOCK_K, BITS, EVEN_K).to(tl.float32)
+            if HAS_ZERO:
+                w -= tl.load(zw_ptr + rn * stride_zn + (k0 // GS) * stride_zg)[:, None]
+            w *= tl.load(sw_ptr + rn * stride_swn + (k0 // GS) * stride_swg)[:, None]
+        acc += tl.dot(w.to(dot_dtype), tl.trans(x.to(dot_dtype)), input_precision=precision)
+    _store_tile(y_ptr, tl.trans(acc), b_ptr, pid_m, pid_n, M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+def _even_k(args) -> bool:
+    return args["K"] % args["BLOCK_K"] == 0
+
+
+_KEY = ["M_BUCKET", "N", "K", "GS"]
+_scaled_gemm = triton.autotune(
+    configs=_configs(HOPPER_INT8 if _hopper() else AMPERE_INT8), key=_KEY + ["BITS", "FP8", "HAS_ZERO"],
+    prune_configs_by={"early_config_prune": _prune},
+)(triton.heuristics({"EVEN_K": _even_k})(_scaled_gemm_kernel))
+_dequant_gemm = triton.autotune(
+    configs=_configs(HOPPER_FLOAT if _hopper() else AMPERE_FLOAT), key=_KEY + ["BITS", "VQ_DIM"],
+    prune_configs_by={"early_config_prune": _prune},
+)(triton.heuristics({"EVEN_K": _even_k})(_dequant_gemm_kernel))
+
+
+def _grid(m, n):
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+
+def _group_strides(t: torch.Tensor | None) -> tuple[int, int]:
+    """(row, group) strides of a ``[rows or 1, G or 1]`` scale; 0 where it broadcasts."""
+    if t is None:
+        return 0, 0
+    return (t.stride(0) if t.shape[0] > 1 else 0), (t.stride(1) if t.shape[1] > 1 else 0)
+
+
+def _launch_scaled(xq, x_scale, weight, w_scale, w_zero, bias, *, bits, fp8, in_features, out_dtype):
+    m, k = xq.shape
+    n = weight.shape[0]
+    gs = k // max(x_scale.shape[1], w_scale.shape[1])
+    xq, weight = xq.contiguous(), weight.contiguous()
+    y = empty_output((m, n), xq.device, out_dtype)
+    if m == 0:
+        return y
+    _scaled_gemm[_grid(m, n)](
+        xq, weight, x_scale, w_scale, w_zero if w_zero is not None else w_scale,
+        bias if bias is not None else w_scale, y,
+        m, n, k, weight.shape[1], gs, _m_bucket(m),
+        xq.stride(0), weight.stride(0), *_group_strides(x_scale), *_group_strides(w_scale),
+        *_group_strides(w_zero), y.stride(0),
+        BITS=bits, FP8=fp8, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None, WEIGHT_LHS=bits == 4,
+    )
+    return y
+
+
+def int_gemm(xq: Tensor, x_scale: Tensor, weight: Tensor, w_scale: Tensor, w_zero: Optional[Tensor],
+             bias: Optional[Tensor], *, bits: int, in_features: int, out_dtype: torch.dtype) -> Tensor:
+    """Triton ``reference.int_gemm`` for 8- and 4-bit weights (other widths: the reference)."""
+    groups = max(x_scale.shape[1], w_scale.shape[1])
+    if bits not in (4, 8) or (groups > 1 and (in_features // groups) % MIN_GROUP):
+        return reference.int_gemm(xq, x_scale, weight, w_scale, w_zero, bias, bits=bits,
+                                  in_features=in_features, out_dtype=out_dtype)
+    return _launch_scaled(xq, x_scale.float(), weight, w_scale.float(), w_zero, bias, bits=bits, fp8=False,
+                          in_features=in_features, out_dtype=out_dtype)
+
+
+def _scaled_mm_ok(xq, weight, out_dtype) -> bool:
+    """cuBLAS FP8 row-wise needs a CUDA tensor, K and N multiples of 16 and (sm_90 CUTLASS path) bf16 out."""
+    return (xq.is_cuda and out_dtype == torch.bfloat16 and xq.shape[1] % 16 == 0
+            and weight.shape[0] % 16 == 0 and hasattr(torch, "_scaled_mm"))
+
+
+def fp8_gemm(xq: Tensor, x_scale: Tensor, weight: Tensor, w_scale: Tensor, bias: Optional[Tensor], *,
+             out_dtype: torch.dtype) -> Tensor:
+    """Triton ``reference.fp8_gemm`` (per-token x per-channel scaled e4m3). On CUDA, aligned bf16
+    problems go to cuBLAS ``torch._scaled_mm`` row-wise; GPUs below sm_89 have no fp8 MMA."""
+    if xq.is_cuda and torch.cuda.get_device_capability(xq.device) < (8, 9):
+        return reference.fp8_gemm(xq, x_scale, weight, w_scale, bias, out_dtype=out_dtype)
+    if _scaled_mm_ok(xq, weight, out_dtype):
+        return torch._scaled_mm(xq.contiguous(), weight.t(), scale_a=x_scale.float().reshape(-1, 1),
+                                scale_b=w_scale.float().reshape(1, -1), bias=bias, out_dtype=out_dtype)
+    return fp8_gemm_triton(xq, x_scale, weight, w_scale, bias, out_dtype=out_dtype)
+
+
+def fp8_gemm_triton(xq, x_scale, weight, w_scale, bias, *, out_dtype):
+    return _launch_scaled(xq, x_scale.float(), weight, w_scale.float(), None, bias, bits=8, fp8=True,
+                          in_features=xq.shape[1], out_dtype=out_dtype)
+
+
+def _launch_dequant(x, weight, w_scale, w_zero, codebook, bias, *, bits, vq_dim, in_features):
+    x = x.contiguous()
+    m, n, k = x.shape[0], weight.shape[0], in_features
+    groups = w_scale.shape[1] if w_scale is not None else 1
+    y = empty_output((m, n), x.device, x.dtype)
+    if m == 0:
+        return y
+    _dequant_gemm[_grid(m, n)](
+        x, weight, w_scale if w_scale is not None else codebook, w_zero if w_zero is not None else x,
+        codebook if codebook is not None else x, bias if bias is not None else x, y,
+        m, n, k, weight.shape[1], k // groups, _m_bucket(m),
+        x.stride(0), weight.stride(0), *_group_strides(w_scale), *_group_strides(w_zero), y.stride(0),
+        BITS=bits, VQ_DIM=vq_dim, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None,
+        UPCAST=INTERPRET and x.dtype == torch.bfloat16,
+    )
+    return y
+
+
+def weight_only_linear(x: Tensor, weight: Tensor, w_scale: Tensor, w_zero: Optional[Tensor],
+                       bias: Optional[Tensor], *, bits: int, weight_format: str, in_features: int,
+                       smooth: Optional[Tensor] = None, rotation_signs: Optional[Tensor] = None,
+                       rotation_block: Optional[int] = None) -> Tensor:
+    """Triton ``reference.weight_only_linear`` for int8 / int4 / fp8 weights. Smoothing or rotation
+    on a weight-only layer, other bit widths, and groups not a multiple of 32 use the reference."""
+    groups = w_scale.shape[1]
+    if (smooth is not None or rotation_signs is not None or (weight_format == "int" and bits not in (4, 8))
+            or (groups > 1 and (in_features // groups) % MIN_GROUP)):
+        return reference.weight_only_linear(
+            x, weight, w_scale, w_zero, bias, bits=bits, weight_format=weight_format, in_features=in_features,
+            smooth=smooth, rotation_signs=rotation_signs, rotation_block=rotation_block)
+    return _launch_dequant(x, weight, w_scale.float(), w_zero, None, bias, bits=bits, vq_dim=0,
+                           in_features=in_features)
+
+
+def vq_linear(x: Tensor, indices: Tensor, codebook: Tensor, bias: Optional[Tensor], *, d: int,
+              in_features: int) -> Tensor:
+    """Triton ``reference.vq_linear``: codebook decode fused into the GEMM for small M; for large M
+    the weight is decoded once and the dense matmul runs (VQ saves memory, not time, at large M)."""
+    if x.shape[0] > VQ_FUSED_MAX_M:
+        w = reference.vq_decode(indices, codebook, in_features).to(x.dtype)
+        return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+    return _launch_dequant(x, indices.contiguous(), None, None, codebook.contiguous(), bias, bits=8, vq_dim=d,
+                           in_features=in_features)

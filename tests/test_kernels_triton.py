@@ -1,0 +1,273 @@
+"""Triton kernels against their torch references, on the CPU through TRITON_INTERPRET=1.
+
+Shapes are small and odd (M=37, N=80 against 32-wide tiles; K=100 against 32-deep K-steps) so the
+masked edges run; outputs are poisoned before each kernel so an unwritten element cannot pass; every
+test draws its own random inputs. A compile-only test builds the GEMMs for sm_90 without a GPU and
+checks they use wgmma, pipeline with cp.async and fit in shared memory.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: before importing them
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (pip install 'ditq[triton]')")
+if tuple(map(int, triton.__version__.split(".")[:2])) < (3, 9):
+    import numpy
+
+    if tuple(map(int, numpy.__version__.split(".")[:2])) >= (2, 4):
+        pytest.skip(f"the interpreter of Triton {triton.__version__} breaks on loops with runtime bounds under "
+                    f"NumPy {numpy.__version__} (use Triton >= 3.9 or NumPy < 2.4)", allow_module_level=True)
+
+from ditq.kernels import reference as ref  # noqa: E402
+from ditq.kernels import triton_act_quant as aq  # noqa: E402
+from ditq.kernels import triton_gemm as gm  # noqa: E402
+from ditq.quant_core import quantizers as qz  # noqa: E402
+from ditq.quant_core.config import LayerScheme  # noqa: E402
+from ditq.quant_core.layers import QuantLinear  # noqa: E402
+
+M, K, N = 37, 96, 80
+
+if not gm.INTERPRET:
+    pytest.skip("TRITON_INTERPRET was set to 0 before this module loaded", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Fill every kernel output with garbage first: NaN for floats, 77 for integers."""
+    def empty_output(shape, device, dtype):
+        fill = 77 if not dtype.is_floating_point else (448.0 if dtype == qz.FP8_DTYPE else float("nan"))
+        return torch.full(shape, fill, device=device, dtype=dtype)
+
+    monkeypatch.setattr(gm, "empty_output", empty_output)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def rand(*shape, seed, scale=1.0, dtype=torch.float32):
+    return (torch.randn(*shape, generator=gen(seed)) * scale).to(dtype)
+
+
+def signs(k, seed):
+    return (torch.randint(0, 2, (k,), generator=gen(seed)) * 2 - 1).to(torch.int8)
+
+
+def rel_err(y, y_ref):
+    return ((y.double() - y_ref.double()).abs().max() / y_ref.double().abs().max()).item()
+
+
+def quantized_weight(n, k, bits, group_size, symmetric, seed):
+    """Packed weight as QuantLinear stores it (asymmetric values offset to signed)."""
+    q, s, z = qz.quantize_weight(rand(n, k, seed=seed), bits, symmetric=symmetric, group_size=group_size)
+    if not symmetric:
+        q, z = q.to(torch.int16) - 2 ** (bits - 1), z - 2 ** (bits - 1)
+    return qz.pack_bits(q.to(torch.int8), bits), s, z
+
+
+# -- activation quantization -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_act_quant_matches_reference_bit_for_bit(dtype, group_size):
+    x = rand(M, K, seed=1, scale=3.0, dtype=dtype)
+    x[0] = (torch.arange(K) - 40.5).to(dtype)  # row of exact .5 ties after scaling
+    smooth = torch.rand(K, generator=gen(2)) + 0.5
+    for kwargs in ({}, {"smooth": smooth}):
+        q, s = aq.act_quant(x, 8, group_size, **kwargs)
+        q_ref, s_ref = ref.act_quant(x, 8, group_size, **kwargs)
+        assert torch.equal(s, s_ref)
+        assert torch.equal(q, q_ref)
+    q, s = aq.act_quant(x, 6, group_size)  # fewer bits: clamp at +-31
+    assert torch.equal(q, ref.act_quant(x, 6, group_size)[0]) and q.abs().max() == 31
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_act_quant_fused_rotation(block):
+    x, smooth, sg = rand(M, K, seed=3, dtype=torch.float16), torch.rand(K, generator=gen(4)) + 0.5, signs(K, 5)
+    q, s = aq.act_quant(x, 8, 32, smooth, sg, block)
+    q_ref, s_ref = ref.act_quant(x, 8, 32, smooth, sg, block)
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    # butterflies sum in another order than the reference matmul: a value on a tie may move by one
+    diff = (q.int() - q_ref.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+
+
+def test_act_quant_static_and_fp8():
+    x, sg = rand(M, K, seed=6, scale=2.0, dtype=torch.float16), signs(K, 7)
+    scale = torch.tensor([0.02])
+    q, s = aq.act_quant_static(x, scale, 8)
+    q_ref, s_ref = ref.act_quant_static(x, scale, 8)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and q.abs().max() == 127  # saturates
+    for kwargs in ({}, {"rotation_signs": sg, "rotation_block": 32}):
+        q, s = aq.act_quant_fp8(x, **kwargs)
+        q_ref, s_ref = ref.act_quant_fp8(x, **kwargs)
+        torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+        assert (q.float() != q_ref.float()).float().mean() < (0.01 if kwargs else 1e-9)
+
+
+def test_act_quant_unfusable_rotation_falls_back():
+    x, sg = rand(M, 128, seed=8), signs(128, 9)
+    q, s = aq.act_quant(x, 8, 32, None, sg, 64)  # a 64-block straddles 32-wide groups: reference
+    assert torch.equal(q, ref.act_quant(x, 8, 32, None, sg, 64)[0])
+
+
+# -- integer GEMMs --------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group_size", [None, 32])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int_gemm(bits, group_size, symmetric):
+    seed = bits * 10 + (group_size or 0) + symmetric
+    w, sw, zw = quantized_weight(N, K, bits, group_size, symmetric, seed)
+    xq, sx = ref.act_quant(rand(M, K, seed=seed + 1), 8, group_size)
+    bias = rand(N, seed=seed + 2)
+    args = (xq, sx, w, sw, zw, bias)
+    y = gm.int_gemm(*args, bits=bits, in_features=K, out_dtype=torch.float32)
+    y_ref = ref.int_gemm(*args, bits=bits, in_features=K, out_dtype=torch.float32)
+    assert rel_err(y, y_ref) < 1e-6
+    y16 = gm.int_gemm(*args, bits=bits, in_features=K, out_dtype=torch.float16)
+    torch.testing.assert_close(y16, y_ref.half(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int_gemm_ragged_k_static_and_per_tensor(bits):
+    k = 100  # not a multiple of the K-step (nor of 8 for the packed int4 rows)
+    q, sw, _ = qz.quantize_weight(rand(N, k, seed=20 + bits), bits, per_tensor=True)
+    w = qz.pack_bits(q, bits)
+    xq, sx = ref.act_quant_static(rand(M, k, seed=21), torch.tensor([0.01]), 8)  # [M, 1] stride-0 view
+    y = gm.int_gemm(xq, sx, w, sw, None, None, bits=bits, in_features=k, out_dtype=torch.float32)
+    y_ref = ref.int_gemm(xq, sx, w, sw, None, None, bits=bits, in_features=k, out_dtype=torch.float32)
+    assert rel_err(y, y_ref) < 1e-6
+
+
+def test_int_gemm_exact_int32_accumulation():
+    """All +-127: unit scales make the output the integer sum itself, which fp32 holds exactly."""
+    xq = (torch.randint(0, 2, (M, K), generator=gen(30)) * 254 - 127).to(torch.int8)
+    wq = (torch.randint(0, 2, (N, K), generator=gen(31)) * 254 - 127).to(torch.int8)
+    ones_m, ones_n = torch.ones(M, 1), torch.ones(N, 1)
+    y = gm.int_gemm(xq, ones_m, wq, ones_n, None, None, bits=8, in_features=K, out_dtype=torch.float32)
+    assert torch.equal(y, (xq.double() @ wq.double().t()).float())
+
+
+def test_fp8_gemm():
+    for k in (96, 100):
+        xq, sx = ref.act_quant_fp8(rand(M, k, seed=40, scale=5.0))
+        wq, sw = qz.quantize_fp8(rand(N, k, seed=41), per_row=True)
+        bias = rand(N, seed=42)
+        y = gm.fp8_gemm(xq, sx, wq, sw, bias, out_dtype=torch.float32)
+        assert rel_err(y, ref.fp8_gemm(xq, sx, wq, sw, bias, out_dtype=torch.float32)) < 1e-6
+
+
+# -- weight-only and VQ ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32-asym", "fp8"])
+def test_weight_only_linear(dtype, fmt):
+    if fmt == "fp8":
+        (w, sw), zw, bits = qz.quantize_fp8(rand(N, K, seed=50), per_row=True), None, 8
+    else:
+        bits = 8 if fmt == "int8" else 4
+        w, sw, zw = quantized_weight(N, K, bits, 32 if bits == 4 else None, bits == 8, seed=51)
+    x, bias = rand(M, K, seed=52, dtype=dtype), rand(N, seed=53, dtype=dtype)
+    kw = dict(bits=bits, weight_format="fp8" if fmt == "fp8" else "int", in_features=K)
+    y = gm.weight_only_linear(x, w, sw, zw, bias, **kw)
+    y_ref = ref.weight_only_linear(x, w, sw, zw, bias, **kw)
+    assert y.dtype == dtype
+    # the weight is decoded to the activation dtype before the MMA; the reference decodes to fp32
+    assert rel_err(y, y_ref) < (2e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
+@pytest.mark.parametrize("d", [4, 3])
+def test_vq_linear(d):
+    x, bias = rand(M, K, seed=60, dtype=torch.float16), rand(N, seed=61)
+    codebook = rand(256, d, seed=62, dtype=torch.float16)
+    idx = torch.randint(0, 256, (N, -(-K // d)), generator=gen(63), dtype=torch.uint8)
+    y = gm.vq_linear(x, idx, codebook, bias, d=d, in_features=K)
+    assert rel_err(y, ref.vq_linear(x, idx, codebook, bias, d=d, in_features=K)) < 3e-3
+    big = rand(gm.VQ_FUSED_MAX_M + 3, K, seed=64, dtype=torch.float32)  # decode-then-matmul path
+    y = gm.vq_linear(big, idx, codebook, bias, d=d, in_features=K)
+    assert rel_err(y, ref.vq_linear(big, idx, codebook, bias, d=d, in_features=K)) < 1e-5
+
+
+# -- through QuantLinear -------------------------------------------------------------------------
+SCHEMES = {
+    "w8a8": (LayerScheme(), {}),
+    "w8a8-static": (LayerScheme(act_mode="static_tensor"), {"input_scale": 0.03}),
+    "w4a8-g32-asym": (LayerScheme(weight_bits=4, weight_granularity="group", group_size=32, weight_symmetric=False,
+                                  act_mode="dynamic_token_group"), {}),
+    "w8a8-smooth-hadamard": (LayerScheme(), {"rot": True}),
+    "fp8": (LayerScheme(weight_format="fp8", act_mode="dynamic_token_fp8"), {}),
+    "w4a16": (LayerScheme(weight_bits=4, act_mode=None, act_bits=None), {}),
+}
+
+
+def quant_linear(name, seed):
+    scheme, extra = SCHEMES[name]
+    lin = torch.nn.Linear(K, N)
+    with torch.no_grad():
+        lin.weight.copy_(rand(N, K, seed=seed, scale=0.1))
+        lin.bias.copy_(rand(N, seed=seed + 1))
+    kw = {"input_scale": extra["input_scale"]} if "input_scale" in extra else {}
+    if extra.get("rot"):
+        kw.update(smooth_scale=torch.rand(K, generator=gen(seed)) + 0.5, rotation_signs=signs(K, seed),
+                  rotation_block=32)
+    return QuantLinear.from_linear(lin, scheme, name=name, **kw).half()
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_quant_linear_triton_equals_torch(name, monkeypatch):
+    layer = quant_linear(name, seed=70)
+    x = rand(2, 19, K, seed=71, dtype=torch.float16)  # M = 38 tokens
+    monkeypatch.setenv("DITQ_KERNELS", "torch")
+    y_torch = layer(x)
+    monkeypatch.setenv("DITQ_KERNELS", "triton")
+    y_triton = layer(x)
+    assert y_triton.shape == (2, 19, N) and y_triton.dtype == torch.float16
+    tol = 2e-2 if name == "w8a8-smooth-hadamard" else 3e-3  # rotation: a few activations move by 1 LSB
+    assert rel_err(y_triton, y_torch) < tol
+
+
+def test_quant_linear_triton_under_torch_compile(monkeypatch):
+    monkeypatch.setenv("DITQ_KERNELS", "triton")
+    layer = quant_linear("w4a8-g32-asym", seed=80)
+    x = rand(M, K, seed=81, dtype=torch.float16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+
+
+# -- compile-only for Hopper -------------------------------------------------------------------
+SM90_CASES = ["w8a8 128x256x128 w8 s4", "w4a8 group asym", "fp8", "w4a16 group", "vq d4",
+              "act_quant rot128 k1152"]
+
+
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("sm90_compile.py")
+    out = subprocess.run([sys.executable, str(script), *SM90_CASES], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = {r["case"]: r for r in map(json.loads, out.stdout.splitlines())}
+    assert set(results) == set(SM90_CASES)
+    for name, r in results.items():
+        assert "error" not in r, f"{name}: {r.get('error')}"
+        assert r["shared"] <= 232448, f"{name}: {r['shared']} B of shared memory exceeds sm_90's 227 KB"
+    expect = {"w8a8 128x256x128 w8 s4": "s32.s8.s8", "w4a8 group asym": "s32.s8.s8", "fp8": "f32.e4m3.e4m3",
+              "w4a16 group": "f32.bf16.bf16", "vq d4": "f32.bf16.bf16"}
+    for name, suffix in expect.items():
+        r = results[name]
+        assert r["wgmma"] and all(i.endswith(suffix) for i in r["wgmma"]), f"{name}: {r['wgmma']}"
+        assert r["cp_async"] and not r["mma_sync"], f"{name}: not a pipelined wgmma main loop"
+    for name in ("w4a8 group asym", "w4a16 group", "vq d4"):  # decoded weight stays in registers
+        assert results[name]["wgmma_a"] == ["RS"], f"{name}: {results[name]['wgmma_a']}"
+
+
+def test_hopper_tiles_fit_shared_memory():
+    """Pipelined operand buffers of every autotune candidate fit sm_90's 227 KB per block."""
+    for bm, bn, bk, _, stages in gm.HOPPER_INT8:
+        assert (bm + bn) * bk * stages <= 232448 and bk >= 32
+    for bm, bn, bk, _, stages in gm.HOPPER_FLOAT:
+        assert (bm + bn) * bk * 2 * stages <= 232448
