@@ -68,7 +68,7 @@ def make_patcher(seed=0, depth=2):
 
 COND = {"positive": [[torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(1)), {}]],
         "negative": [[torch.zeros(1, 6, 32), {}]], "latent_image": {"samples": torch.zeros(1, 4, 8, 8)}}
-SAMPLING = dict(seed=3, steps=4, cfg=3.0, sampler_name="euler", scheduler="normal")
+SAMPLING = dict(seed=3, steps=3, cfg=3.0, sampler_name="euler", scheduler="normal")
 
 
 def sample(comfy, patcher):
@@ -311,11 +311,13 @@ def test_workflows_are_loadable_ui_json_and_templates_match(comfy):
         for n in wf["nodes"]:
             if n["type"] in comfy.nodes:
                 schema = comfy.nodes[n["type"]].GET_SCHEMA()
-                widgets = [i for i in schema.inputs if i.io_type in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")]
-                expected = len(widgets) + sum(1 for i in widgets if i.options.get("control_after_generate"))
-                assert len(n["widgets_values"]) == expected, f"{path.name}: {n['type']} widgets"
-                for i, v in zip([w for w in widgets], n["widgets_values"]):
-                    if i.io_type == "COMBO" and i.id not in ("load_calibration", "model_name"):
+                slots = []  # widget inputs in schema order; control_after_generate adds a value
+                for i in schema.inputs:
+                    if i.io_type in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                        slots += [i, None] if i.options.get("control_after_generate") else [i]
+                assert len(n["widgets_values"]) == len(slots), f"{path.name}: {n['type']} widgets"
+                for i, v in zip(slots, n["widgets_values"]):
+                    if i is not None and i.io_type == "COMBO" and i.id not in ("load_calibration", "model_name"):
                         assert v in i.options["options"], f"{path.name}: {n['type']}.{i.id}={v!r}"
             else:
                 assert n["type"] in STOCK, f"{path.name}: unknown node {n['type']}"
