@@ -293,13 +293,11 @@ STOCK = {"UNETLoader", "CLIPLoader", "CLIPTextEncode", "EmptyLatentImage", "KSam
          "VAEDecode", "SaveImage", "PreviewImage", "LoraLoaderModelOnly"}
 
 
-def test_workflows_are_loadable_ui_json_and_templates_match(comfy):
+def test_workflows_are_loadable_ui_json(comfy):
     files = sorted((ROOT / "workflows").glob("*.json"))
     assert len(files) == 3
-    templates = sorted((ROOT / "example_workflows").glob("*.json"))
-    assert [p.name for p in templates] == [p.name for p in files]
-    for src, tpl in zip(files, templates):
-        assert src.read_bytes() == tpl.read_bytes(), f"{tpl} differs from {src}: copy workflows/ over"
+    # ComfyUI's template browser reads workflows/ too; a second folder would list each twice
+    assert not (ROOT / "example_workflows").exists()
     for path in files:
         wf = json.loads(path.read_text())
         assert wf["version"] == 0.4 and wf["last_node_id"] == max(n["id"] for n in wf["nodes"])

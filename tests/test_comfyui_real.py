@@ -196,8 +196,11 @@ def test_object_info_lists_the_four_nodes(server):
     assert "DITQ_CALIBRATION" == info["DitqQuantizeDiT"]["input"]["optional"]["calibration"][0]
     assert "rtn-w8a8" in info["DitqQuantizeDiT"]["input"]["required"]["preset"][1]["options"] or \
         "rtn-w8a8" in info["DitqQuantizeDiT"]["input"]["required"]["preset"][0]
-    templates = _get(f"{server.url}/workflow_templates")
-    assert sorted(templates.get("ditq", [])) == sorted(p.stem for p in (PACK_ROOT / "example_workflows").glob("*.json"))
+    # workflows/ is one of the folders ComfyUI's template browser reads (no second copy needed)
+    files = sorted((PACK_ROOT / "workflows").glob("*.json"))
+    assert sorted(_get(f"{server.url}/workflow_templates").get("ditq", [])) == [p.stem for p in files]
+    served = _get(f"{server.url}/api/workflow_templates/ditq/{files[0].name}")
+    assert served == json.loads(files[0].read_text())
 
 
 def _sampler(model_ref, prefix, pos="2", neg="3", lat="4"):
