@@ -32,6 +32,14 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
+async def comfy_entrypoint():
+    """ComfyUI's V3 entry: the node pack (imports ComfyUI's API only here, inside ComfyUI).
+    No NODE_CLASS_MAPPINGS in this module: ComfyUI would then load it as V1 and skip this."""
+    from .nodes import make_extension
+
+    return make_extension()
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

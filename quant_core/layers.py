@@ -200,6 +200,30 @@ class QuantLinear(QuantModule):
             w = w / self.smooth_scale.float()
         return w
 
+    def encode_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Re-encode a float ``[N, K]`` weight in the original input basis (e.g. this layer's
+        ``effective_weight()`` plus a merged LoRA delta) into this layer's stored format, keeping its
+        scales, zero points, smoothing and rotation fixed. Values beyond the scales' range clamp.
+        Returns the tensor to store as ``weight``; ``encode_weight(effective_weight())`` gives back
+        the stored weight."""
+        from ..kernels import reference
+
+        w = weight.float().to(self.weight_scale.device)
+        if self.smooth_scale is not None:
+            w = w * self.smooth_scale.float()
+        if self.rotation_signs is not None:
+            w = reference.block_hadamard(w, self.rotation_signs, self.rotation_block)
+        s = self.scheme
+        if s.weight_format == "fp8":
+            return (w / self.weight_scale).clamp(-qz.FP8_MAX, qz.FP8_MAX).to(qz.FP8_DTYPE)
+        if s.weight_symmetric:
+            q = qz.quantize(w, self.weight_scale, None, s.weight_bits, True)
+        else:  # stored zero points are offset to signed, as in from_quantized
+            half = 2 ** (s.weight_bits - 1)
+            q = qz.quantize(w, self.weight_scale, self.weight_zero_point + half, s.weight_bits, False)
+            q = (q.to(torch.int16) - half).to(torch.int8)
+        return qz.pack_bits(q, s.weight_bits)
+
     def format_name(self) -> str:
         return self.scheme.name
 

@@ -64,9 +64,9 @@ class QuantizationContext:
     one way to install a quantized layer (``replace``), which also fills the report."""
 
     def __init__(self, model: nn.Module, layers: dict[str, LayerInfo], config: QuantConfig,
-                 calibration: CalibrationData | None, progress: bool):
+                 calibration: CalibrationData | None, progress: bool, on_layer=None):
         self.model, self.layers, self.config, self.calibration = model, layers, config, calibration
-        self.progress = progress
+        self.progress, self.on_layer = progress, on_layer
         self.report = QuantReport(config.method)
         self.method_state: dict = {}
 
@@ -76,7 +76,11 @@ class QuantizationContext:
     def iter_layers(self, desc: str):
         from tqdm.auto import tqdm
 
-        yield from tqdm(list(self.layers.items()), desc=desc, disable=not self.progress, leave=False)
+        items = list(self.layers.items())
+        for i, item in enumerate(tqdm(items, desc=desc, disable=not self.progress, leave=False)):
+            yield item
+            if self.on_layer is not None:  # GUIs: progress and a chance to interrupt between layers
+                self.on_layer(i + 1, len(items), item[0])
 
     def replace(self, name: str, module: QuantModule) -> None:
         original = self.linear(name).weight.detach()
@@ -89,12 +93,15 @@ class QuantizationContext:
 
 
 def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationData | None = None, *,
-             progress: bool = True) -> QuantReport:
+             progress: bool = True, on_layer=None) -> QuantReport:
     """Quantize ``model``'s layers in place per ``config``; returns the per-layer report.
 
     >>> calib = calibrate(pipe, prompts)
     >>> report = quantize(pipe.transformer, QuantConfig.preset("rtn-w8a8"), calib)
     >>> print(report)
+
+    ``on_layer(done, total, name)`` is called after each layer of each pass (progress bars; raising
+    from it aborts, leaving ``model`` partly quantized).
     """
     if any(isinstance(m, QuantModule) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} is already quantized; quantize a fresh full-precision model")
@@ -103,7 +110,7 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationData
     if needs and calibration is None:
         raise ValueError(f"method {config.method!r} ({config.name or 'custom config'}) needs calibration "
                          f"statistics {list(needs)}: run ditq.calibrate(pipe, prompts) first")
-    ctx = QuantizationContext(model, select_layers(model, config), config, calibration, progress)
+    ctx = QuantizationContext(model, select_layers(model, config), config, calibration, progress, on_layer)
     if calibration is not None and needs:
         missing = [n for n in ctx.layers if n not in calibration.stats]
         if missing:

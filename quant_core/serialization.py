@@ -137,9 +137,11 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in d.items() if not k.startswith("_") or k in ("_class_name", "_diffusers_version")}
 
 
-def save_quantized(model: nn.Module, path, *, max_shard_bytes: int | None = None) -> Path:
+def save_quantized(model: nn.Module, path, *, max_shard_bytes: int | None = None,
+                   model_config: dict[str, Any] | None = None) -> Path:
     """Write a quantized model: a folder (diffusers layout), or one file if ``path`` ends in
-    ``.safetensors``. Returns the path written.
+    ``.safetensors``. Returns the path written. ``model_config`` replaces the config read from
+    ``model.config`` (models without a diffusers config, e.g. ComfyUI's, say how to rebuild them).
 
     >>> save_quantized(pipe.transformer, "pixart-w8a8")
     """
@@ -149,7 +151,7 @@ def save_quantized(model: nn.Module, path, *, max_shard_bytes: int | None = None
     for k, t in tensors.items():
         if t.device.type == "meta":
             raise ValueError(f"cannot save {k}: tensor is on the meta device (model not fully loaded)")
-    model_cfg = _model_config(model)
+    model_cfg = dict(model_config) if model_config is not None else _model_config(model)
     if path.suffix == ".safetensors":
         atomic_save_file(tensors, path, {"ditq.quantization_config": json.dumps(qcfg),
                                          "ditq.model_config": json.dumps(model_cfg, default=str)})
@@ -239,6 +241,18 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, torch.Tensor], sou
     return model
 
 
+def read_single_file(path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Tensors, checked quantization config and model config of a single-file checkpoint."""
+    tensors, meta = read_safetensors(path)
+    try:
+        qcfg = json.loads(meta["ditq.quantization_config"])
+        model_cfg = json.loads(meta["ditq.model_config"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: header lacks a valid ditq quantization config ({e}); "
+                              f"not a ditq single-file checkpoint") from None
+    return tensors, check_quantization_config(qcfg, str(path)), model_cfg
+
+
 def _diffusers_class(name: str):
     import diffusers
 
@@ -285,12 +299,7 @@ def load_quantized(path_or_repo, torch_dtype: torch.dtype | None = None, *, subf
     """
     p = Path(path_or_repo)
     if p.suffix == ".safetensors":
-        tensors, meta = read_safetensors(p)
-        try:
-            qcfg = json.loads(meta["ditq.quantization_config"])
-            model_cfg = json.loads(meta["ditq.model_config"])
-        except (KeyError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{p}: header lacks a valid ditq quantization config ({e})") from None
+        tensors, qcfg, model_cfg = read_single_file(p)
         source = str(p)
     else:
         folder = _resolve_folder(str(path_or_repo), subfolder=subfolder, revision=revision,

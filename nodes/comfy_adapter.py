@@ -1,0 +1,361 @@
+"""The only ditq code that touches ComfyUI internals: model folders, building a quantized
+ModelPatcher, rebuilding a ComfyUI model from a ditq file, ComfyUI-native export, driving the sampler.
+
+ComfyUI surface used (and nothing else; tests/comfy_standin fakes exactly this):
+``folder_paths`` (models_dir, folder_names_and_paths, get_filename_list, get_full_path_or_raise,
+get_folder_paths), ``comfy.model_patcher.ModelPatcher``, ``comfy.model_detection.
+model_config_from_unet_config``, ``comfy.model_management`` (get_torch_device, unet_offload_device,
+throw_exception_if_processing_interrupted), ``comfy.sample`` (sample, prepare_noise,
+fix_empty_latent_channels), ``comfy.utils.ProgressBar``; on a model: ``patcher.model`` (a
+BaseModel: ``diffusion_model``, ``model_config`` with ``unet_config``/``get_model``/
+``set_inference_dtype``, ``device``), ``patcher.patches/object_patches/model_options/load_device/
+offload_device/model_size()``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..quant_core.calibration import CalibrationData, CalibrationRecorder
+from ..quant_core.config import QuantConfig
+from ..quant_core.layers import QuantLinear, QuantModule
+from ..quant_core.models import select_layers
+from ..quant_core.quantize import quantize
+from ..quant_core.serialization import (CheckpointError, atomic_save_file, load_quantized_state,
+                                        prepare_quantized_modules, quantization_config, read_single_file,
+                                        save_quantized)
+
+FOLDER = "ditq"                      # models/ditq: quantized DiTs (ditq single files)
+CALIB_FOLDER = "ditq_calibration"    # models/ditq/calibration: saved calibrations
+COMFY_KEY = "comfyui"                # model_config entry that says how to rebuild the ComfyUI model
+
+
+class ComfyAdapterError(ValueError):
+    """A ComfyUI model or file cannot be handled; the message says why and what to do."""
+
+
+# -- model folders -------------------------------------------------------------------------------
+def register_folders() -> None:
+    """Register models/ditq (and its calibration subfolder) for .safetensors only. An unknown key
+    passed to add_model_folder_path would match every file, so the tuple is set explicitly."""
+    import folder_paths
+
+    base = os.path.join(folder_paths.models_dir, "ditq")
+    for key, path in ((FOLDER, base), (CALIB_FOLDER, os.path.join(base, "calibration"))):
+        if key not in folder_paths.folder_names_and_paths:
+            folder_paths.folder_names_and_paths[key] = ([path], {".safetensors"})
+
+
+def folder_files(key: str) -> list[str]:
+    import folder_paths
+
+    return folder_paths.get_filename_list(key)
+
+
+def full_path(key: str, name: str) -> str:
+    import folder_paths
+
+    return folder_paths.get_full_path_or_raise(key, name)
+
+
+def output_path(key: str, name: str) -> Path:
+    """Where a new file called ``name`` goes: the first folder registered for ``key``."""
+    import folder_paths
+
+    if not name or Path(name).name != name or name.startswith("."):
+        raise ComfyAdapterError(f"file name {name!r} must be a plain name without folders")
+    return Path(folder_paths.get_folder_paths(key)[0]) / (name if name.endswith(".safetensors")
+                                                          else f"{name}.safetensors")
+
+
+# -- progress and interrupts ----------------------------------------------------------------------
+def progress_callback(total: int) -> Callable[[int, int], None]:
+    """``cb(done, total)``: advance a ComfyUI progress bar and honour the Cancel button."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total)
+
+    def cb(done: int, new_total: int | None = None) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, new_total)
+
+    return cb
+
+
+# -- reading a patcher ---------------------------------------------------------------------------
+def diffusion_model(patcher) -> nn.Module:
+    model = getattr(getattr(patcher, "model", None), "diffusion_model", None)
+    if not isinstance(model, nn.Module):
+        raise ComfyAdapterError(f"expected a ComfyUI MODEL (ModelPatcher with model.diffusion_model), "
+                                f"got {type(patcher).__name__}")
+    return model
+
+
+def is_ditq_quantized(patcher) -> bool:
+    return any(isinstance(m, QuantModule) for m in diffusion_model(patcher).modules())
+
+
+def _check_plain(patcher, what: str) -> None:
+    """Quantization reads the stored weights; patches would be silently dropped, so refuse them."""
+    dm = diffusion_model(patcher)
+    if is_ditq_quantized(patcher):
+        raise ComfyAdapterError(f"{what}: the model is already quantized by ditq; connect the "
+                                f"full-precision model (e.g. from Load Diffusion Model)")
+    native = [n for n, m in dm.named_modules() if getattr(m, "layout_type", None) is not None]
+    if native:
+        raise ComfyAdapterError(f"{what}: the model is already quantized in ComfyUI's native format "
+                                f"(layer {native[0]!r}); connect a full-precision checkpoint")
+    if patcher.patches:
+        raise ComfyAdapterError(f"{what}: the model carries {len(patcher.patches)} weight patch(es) "
+                                f"(a LoRA?). Quantize the base model and apply the LoRA after "
+                                f"Quantize DiT (ditq): LoRAs work on the quantized model")
+    bad = [k for k in patcher.object_patches if k.startswith("diffusion_model")]
+    if bad:
+        raise ComfyAdapterError(f"{what}: the model has object patches on its diffusion model "
+                                f"({bad[0]!r}); place that node after Quantize DiT (ditq)")
+
+
+def model_description(patcher) -> dict[str, Any]:
+    """What a ditq file stores so the ComfyUI model can be rebuilt without the FP checkpoint:
+    ComfyUI's unet_config (JSON-able entries) and the compute dtype."""
+    base = patcher.model
+    unet = {k: v for k, v in base.model_config.unet_config.items()
+            if isinstance(v, (bool, int, float, str, list, type(None)))}
+    dm = base.diffusion_model
+    dtype = next((p.dtype for p in dm.parameters() if p.is_floating_point()), torch.float32)
+    return {"_class_name": type(dm).__name__,
+            COMFY_KEY: {"model_config": type(base.model_config).__name__, "unet_config": unet,
+                        "dtype": str(dtype).removeprefix("torch.")}}
+
+
+# -- building quantized patchers -----------------------------------------------------------------
+def _empty_base_model(model_config, state_dict: dict[str, torch.Tensor]):
+    """A ComfyUI BaseModel whose diffusion model lives on the meta device (no weight memory)."""
+    return model_config.get_model(state_dict, "", device=torch.device("meta"))
+
+
+def _new_patcher(base, like=None):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    load = like.load_device if like is not None else mm.get_torch_device()
+    offload = like.offload_device if like is not None else mm.unet_offload_device()
+    base.device = offload
+    adopt_for_comfy(base.diffusion_model)
+    # size=0: ModelPatcher measures the state dict, i.e. the packed integer bytes (a clone would
+    # inherit the FP parent's cached size).
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=load, offload_device=offload)
+    if like is not None:
+        patcher.model_options = {**like.model_options,
+                                 "transformer_options": dict(like.model_options.get("transformer_options", {}))}
+        patcher.object_patches = dict(like.object_patches)
+    return patcher
+
+
+def quantize_patcher(src, config: QuantConfig, calibration: CalibrationData | None = None,
+                     on_layer: Callable[[int, int, str], None] | None = None):
+    """A fresh ModelPatcher holding a quantized copy of ``src``'s diffusion model; ``src`` is not
+    touched. Returns ``(patcher, report)``."""
+    _check_plain(src, "Quantize DiT")
+    dm = diffusion_model(src)
+    tensors = dm.state_dict()
+    base = _empty_base_model(src.model.model_config, tensors)
+    # assign=True shares the source's storage: no second FP copy. Quantized layers get new
+    # buffers; the few kept FP tensors are cloned afterwards so the models stay independent.
+    base.diffusion_model.load_state_dict(tensors, strict=True, assign=True)
+    report = quantize(base.diffusion_model, config, calibration, progress=False, on_layer=on_layer)
+    shared = {t.untyped_storage().data_ptr() for t in tensors.values()}
+    for mod in base.diffusion_model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in store.items():
+                if t is not None and t.untyped_storage().data_ptr() in shared:
+                    t.data = t.data.clone()
+    base.diffusion_model.ditq_comfy = model_description(src)
+    return _new_patcher(base, like=src), report
+
+
+def load_patcher(path) -> Any:
+    """Build a ComfyUI MODEL from a ditq single file alone (no FP checkpoint)."""
+    import comfy.model_detection
+
+    tensors, qcfg, model_cfg = read_single_file(path)
+    comfy_cfg = model_cfg.get(COMFY_KEY)
+    if not isinstance(comfy_cfg, dict) or not isinstance(comfy_cfg.get("unet_config"), dict):
+        raise CheckpointError(f"{path}: a ditq file for {model_cfg.get('_class_name', '?')}, but not one "
+                              f"written for ComfyUI (no {COMFY_KEY!r} model description); use "
+                              f"ditq.load_quantized in Python, or save it with Save Quantized DiT (ditq)")
+    dtype = getattr(torch, str(comfy_cfg.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"{path}: unknown compute dtype {comfy_cfg.get('dtype')!r}")
+    unet_config = dict(comfy_cfg["unet_config"])
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, tensors)
+    if model_config is None:
+        raise CheckpointError(f"{path}: this ComfyUI does not know the model "
+                              f"{comfy_cfg.get('model_config')!r} (unet_config {unet_config}); update ComfyUI")
+    model_config.set_inference_dtype(dtype, None)
+    base = _empty_base_model(model_config, tensors)
+    dm = base.diffusion_model
+    if type(dm).__name__ != model_cfg.get("_class_name"):
+        raise CheckpointError(f"{path}: file is for {model_cfg.get('_class_name')!r}, ComfyUI built "
+                              f"{type(dm).__name__!r} from its unet_config")
+    prepare_quantized_modules(dm, qcfg, str(path), dtype=dtype)
+    load_quantized_state(dm, tensors, str(path), torch_dtype=dtype)
+    dm.ditq_comfy = model_cfg
+    return _new_patcher(base)
+
+
+def save_patcher(patcher, path) -> Path:
+    """Write a ditq-quantized MODEL as one safetensors file (ComfyUI key names, config in header)."""
+    dm = diffusion_model(patcher)
+    if not is_ditq_quantized(patcher):
+        raise ComfyAdapterError("Save Quantized DiT: the model is not quantized by ditq; connect the "
+                                "output of Quantize DiT (ditq) or Load Quantized DiT (ditq)")
+    desc = getattr(dm, "ditq_comfy", None) or model_description(patcher)
+    return save_quantized(dm, path, model_config=desc)
+
+
+# -- ComfyUI-native export -----------------------------------------------------------------------
+def native_layer(mod: QuantModule, name: str) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """One ditq layer as ComfyUI's mixed-precision layout: ``(tensors, comfy_quant, note)``.
+
+    int8 per-channel symmetric weights with dynamic per-token int8 activations map exactly onto
+    ``int8_tensorwise`` with per-row ``weight_scale`` (ComfyUI quantizes activations per row at run
+    time). fp8 per-channel weights are re-quantized to ComfyUI's per-tensor ``float8_e4m3fn`` (a
+    fidelity change, reported). Anything else has no native twin and is refused.
+    """
+    s = getattr(mod, "scheme", None)
+    plain = (isinstance(mod, QuantLinear) and mod.smooth_scale is None and mod.rotation_signs is None
+             and s.weight_symmetric and s.weight_granularity == "channel")
+    if plain and s.weight_format == "int" and s.weight_bits == 8 and s.act_mode == "dynamic_token" and s.act_bits == 8:
+        return ({"weight": mod.weight, "weight_scale": mod.weight_scale.reshape(-1, 1).float()},
+                {"format": "int8_tensorwise"}, "exact")
+    if plain and s.weight_format == "fp8":
+        from ..quant_core.metrics import sqnr
+        from ..quant_core.quantizers import quantize_fp8
+
+        w = mod.effective_weight()
+        q, scale = quantize_fp8(w, per_row=False, name=f"{name}.weight")
+        note = f"fp8 per-tensor, weight SQNR {sqnr(w, q.float() * scale):.1f} dB"
+        return {"weight": q, "weight_scale": scale.reshape(()).float()}, {"format": "float8_e4m3fn"}, note
+    fmt = s.name if s is not None else mod.layer_type
+    raise ComfyAdapterError(
+        f"layer {name!r} ({fmt}{', smoothed/rotated' if plain is False and s is not None else ''}) has no "
+        f"ComfyUI-native format: native export supports rtn int8 per-channel W8A8 dynamic "
+        f"(int8_tensorwise) and fp8 (float8_e4m3fn). Save in the 'ditq' format instead")
+
+
+def export_native(patcher, path) -> tuple[Path, list[str]]:
+    """Write a file stock ComfyUI loads with Load Diffusion Model (per-layer ``.comfy_quant``)."""
+    dm = diffusion_model(patcher)
+    qlayers = {n: m for n, m in dm.named_modules() if isinstance(m, QuantModule)}
+    if not qlayers:
+        raise ComfyAdapterError("native export: the model is not quantized by ditq")
+    tensors = dict(dm.state_dict())
+    layers, notes = {}, []
+    for name, mod in qlayers.items():
+        for key in list(tensors):
+            if key.startswith(f"{name}.") and key != f"{name}.bias":
+                del tensors[key]
+        parts, layer_meta, note = native_layer(mod, name)
+        tensors.update({f"{name}.{k}": v for k, v in parts.items()})
+        layers[name] = layer_meta
+        notes.append(f"{name}: {note}")
+    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    atomic_save_file(tensors, path, meta)
+    return Path(path), notes
+
+
+# -- LoRA and offloading on ditq layers ----------------------------------------------------------
+class _ComfyQuantMixin:
+    """What ComfyUI's ModelPatcher needs from a layer, added to ditq's quantized layers.
+
+    * ``weight`` is a (frozen) Parameter, so the patcher lists the layer, moves it between load and
+      offload devices and accepts LoRA patches on ``<layer>.weight``.
+    * LoRA, full load: ``convert_weight`` gives the float weight, the patcher adds the LoRA delta,
+      ``set_weight`` re-encodes it with the layer's scales (QuantLinear.encode_weight); unpatching
+      restores the saved integer weight, so removing the LoRA is exact.
+    * LoRA under lowvram: the patcher attaches ``weight_function``s; the layer then runs on its
+      dequantized weight with the patches applied.
+    * Offloaded layers (weights not on the input's device) are moved per call.
+    """
+
+    comfy_cast_weights = False
+
+    def convert_weight(self, weight, inplace=False, **kwargs):
+        return self.effective_weight().to(device=weight.device)
+
+    def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+        if not isinstance(self, QuantLinear):
+            raise ComfyAdapterError(f"layer {self.layer_name!r} ({self.layer_type}): LoRA on this "
+                                    f"quantized layer type is not supported")
+        q = self.encode_weight(weight).to(self.weight.device)
+        if return_weight:
+            return q
+        self.weight = nn.Parameter(q, requires_grad=False)
+
+    def forward(self, x):
+        wf, bf = getattr(self, "weight_function", []), getattr(self, "bias_function", [])
+        if wf or bf:
+            w = self.effective_weight().to(x.device)
+            for f in wf:
+                w = f(w)
+            b = self.bias.to(x.device) if self.bias is not None else None
+            for f in bf:
+                b = f(b)
+            return nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        if self.weight.device != x.device:
+            moved = {n: t.to(x.device, non_blocking=True) for n, t in
+                     list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False))}
+            return torch.func.functional_call(self, moved, (x,))
+        return super().forward(x)
+
+
+_ADOPTED: dict[type, type] = {}
+
+
+def adopt_for_comfy(model: nn.Module) -> None:
+    """Give every ditq layer of ``model`` the ModelPatcher contract (see _ComfyQuantMixin)."""
+    for mod in model.modules():
+        if not isinstance(mod, QuantModule) or isinstance(mod, _ComfyQuantMixin):
+            continue
+        cls = type(mod)
+        if cls not in _ADOPTED:
+            _ADOPTED[cls] = type(f"Comfy{cls.__name__}", (_ComfyQuantMixin, cls), {})
+        mod.__class__ = _ADOPTED[cls]
+        w = mod._buffers.pop("weight")
+        mod.weight = nn.Parameter(w, requires_grad=False)
+        mod.weight_function, mod.bias_function = [], []
+
+
+# -- calibration through ComfyUI's sampler -------------------------------------------------------
+def calibrate_patcher(patcher, *, positive, negative, latent: dict, seed: int, steps: int, cfg: float,
+                      sampler_name: str, scheduler: str, needs, on_step=None) -> CalibrationData:
+    """Sample once with ComfyUI's own sampler while the recorder's hooks sit on the diffusion model;
+    the same statistics ditq.calibrate gathers from a diffusers pipeline."""
+    import comfy.sample
+
+    _check_plain(patcher, "Calibrate DiT")
+    dm = diffusion_model(patcher)
+    layers = list(select_layers(dm))
+    x = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
+    noise = comfy.sample.prepare_noise(x, seed)
+    rec = CalibrationRecorder(dm, layers, needs, on_step=on_step)
+    with rec, torch.no_grad():
+        rec.new_run()
+        comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, x,
+                            seed=seed, disable_pbar=True)
+    return rec.result({"model": type(dm).__name__, "num_inference_steps": steps, "seed": seed,
+                       "sampler": sampler_name, "scheduler": scheduler, "cfg": cfg, "needs": list(needs),
+                       "driver": "comfyui"})
+
+
+def quant_summary(patcher) -> str:
+    cfg = quantization_config(diffusion_model(patcher))
+    return f"ditq {cfg.get('method')} on {len(cfg['layers'])} layers, model size {patcher.model_size()} B"
+

@@ -1,0 +1,3 @@
+class KSampler:
+    SAMPLERS = ["euler"]
+    SCHEDULERS = ["normal"]

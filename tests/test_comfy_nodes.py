@@ -1,0 +1,321 @@
+"""The node pack against the ComfyUI stand-in (tests/comfy_standin): schemas, the adapter's model
+handling, numbers against the FP model and the Python API, files, LoRA contract, workflows."""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+STANDIN = Path(__file__).parent / "comfy_standin"
+ROOT = Path(__file__).resolve().parents[1]
+STANDIN_MODULES = ("comfy", "comfy_api", "folder_paths")
+TITLES = {"DitqCalibrateDiT": "Calibrate DiT (ditq)", "DitqQuantizeDiT": "Quantize DiT (ditq)",
+          "DitqLoadQuantizedDiT": "Load Quantized DiT (ditq)", "DitqSaveQuantizedDiT": "Save Quantized DiT (ditq)"}
+
+
+def _drop_modules():
+    for name in list(sys.modules):
+        if name.split(".")[0] in STANDIN_MODULES or name.startswith("ditq.nodes"):
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    """The stand-in on sys.path, models_dir in a temp folder, the pack's extension loaded."""
+    _drop_modules()
+    sys.path.insert(0, str(STANDIN))
+    import folder_paths
+
+    folder_paths.models_dir = str(tmp_path_factory.mktemp("models"))
+    folder_paths.folder_names_and_paths["diffusion_models"] = (
+        [str(Path(folder_paths.models_dir) / "diffusion_models")], {".safetensors"})
+    import ditq
+
+    ext = asyncio.run(ditq.comfy_entrypoint())
+    asyncio.run(ext.on_load())
+    nodes = {cls.GET_SCHEMA().node_id: cls for cls in asyncio.run(ext.get_node_list())}
+    import comfy as comfy_pkg
+    import comfy.model_management
+    import comfy.sample
+    import comfy.utils
+
+    yield type("Env", (), {"nodes": nodes, "fp": folder_paths, "mm": comfy_pkg.model_management,
+                           "sample": comfy_pkg.sample, "utils": comfy_pkg.utils})
+    sys.path.remove(str(STANDIN))
+    _drop_modules()
+
+
+def make_patcher(seed=0, depth=2):
+    import comfy.model_management as mm
+    from comfy.model_patcher import ModelPatcher
+    from comfy.supported_models import PixArtSigma
+
+    torch.manual_seed(seed)
+    cfg = PixArtSigma({"image_model": "pixart_sigma", "hidden_size": 64, "num_heads": 4, "depth": depth,
+                       "patch_size": 2, "in_channels": 4, "caption_channels": 32})
+    base = cfg.get_model({})
+    with torch.no_grad():
+        for name, p in base.diffusion_model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.1 if "table" in name or name.endswith("bias") else p.shape[-1] ** -0.5))
+    return ModelPatcher(base, mm.get_torch_device(), mm.unet_offload_device())
+
+
+COND = {"positive": [[torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(1)), {}]],
+        "negative": [[torch.zeros(1, 6, 32), {}]], "latent_image": {"samples": torch.zeros(1, 4, 8, 8)}}
+SAMPLING = dict(seed=3, steps=3, cfg=3.0, sampler_name="euler", scheduler="normal")
+
+
+def sample(comfy, patcher):
+    lat = COND["latent_image"]["samples"]
+    noise = comfy.sample.prepare_noise(lat, SAMPLING["seed"])
+    with torch.no_grad():
+        return comfy.sample.sample(patcher, noise, SAMPLING["steps"], SAMPLING["cfg"], "euler", "normal",
+                                   COND["positive"], COND["negative"], lat)
+
+
+def calibrate(comfy, patcher, **kw):
+    node = comfy.nodes["DitqCalibrateDiT"]
+    args = dict(model=patcher, **COND, **SAMPLING, preset="rtn-w8a8", load_calibration="(run calibration)",
+                save_as="")
+    args.update(kw)
+    return node.execute(**args).args
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# -- pack surface ---------------------------------------------------------------------------------
+def test_import_ditq_does_not_import_comfyui():
+    code = ("import sys, ditq; ditq.QuantConfig; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths') "
+            "or m.startswith('ditq.nodes')]; assert not bad, bad; "
+            "assert not hasattr(ditq, 'NODE_CLASS_MAPPINGS')")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT.parent)
+
+
+def test_schemas(comfy):
+    assert set(comfy.nodes) == set(TITLES)
+    for node_id, cls in comfy.nodes.items():
+        s = cls.GET_SCHEMA()
+        assert s.display_name == TITLES[node_id] and s.category == "ditq"
+        for inp in s.inputs:
+            assert inp.options.get("tooltip"), f"{node_id}.{inp.id} lacks a tooltip"
+    calib = comfy.nodes["DitqCalibrateDiT"].GET_SCHEMA()
+    assert [o.io_type for o in calib.outputs] == ["DITQ_CALIBRATION", "IMAGE"]
+    quant = comfy.nodes["DitqQuantizeDiT"].GET_SCHEMA()
+    assert [i.id for i in quant.inputs if i.optional] == ["calibration"]
+    assert comfy.nodes["DitqSaveQuantizedDiT"].GET_SCHEMA().is_output_node
+    assert comfy.fp.folder_names_and_paths["ditq"][1] == {".safetensors"}
+
+
+# -- calibration ----------------------------------------------------------------------------------
+def test_calibrate_records_true_maxima_progress_and_heat_map(comfy):
+    patcher = make_patcher()
+    seen: dict[str, torch.Tensor] = {}
+    lin = patcher.model.diffusion_model.blocks[1].mlp.fc2
+    h = lin.register_forward_pre_hook(lambda m, a: seen.__setitem__(
+        "amax", torch.maximum(seen.get("amax", torch.zeros(a[0].shape[-1], dtype=torch.float64)),
+                              a[0].double().abs().reshape(-1, a[0].shape[-1]).amax(0))))
+    calib, image = calibrate(comfy, patcher)
+    h.remove()
+    amax = calib.get("blocks.1.mlp.fc2", "act_absmax")
+    assert amax.shape == (SAMPLING["steps"], 256) and len(calib.layers) == 14
+    torch.testing.assert_close(amax.amax(0).double(), seen["amax"], rtol=1e-6, atol=0)
+    assert comfy.utils.BARS[-1].current == SAMPLING["steps"]
+    assert image.shape == (1, 14 * 8, SAMPLING["steps"] * 8, 3) and 0 <= image.min() and image.max() <= 1
+    assert not patcher.model.diffusion_model._forward_pre_hooks and not lin._forward_pre_hooks
+
+
+def test_calibration_save_reload_and_mismatch(comfy):
+    patcher = make_patcher()
+    calib, _ = calibrate(comfy, patcher, save_as="cal_a")
+    files = comfy.fp.get_filename_list("ditq_calibration")
+    assert files == ["cal_a.safetensors"]
+    again, _ = calibrate(comfy, patcher, load_calibration="cal_a.safetensors")
+    torch.testing.assert_close(again.get("blocks.0.attn.qkv", "act_absmax"), calib.get("blocks.0.attn.qkv", "act_absmax"))
+    with pytest.raises(ValueError, match="does not fit.*blocks.2"):
+        calibrate(comfy, make_patcher(depth=3), load_calibration="cal_a.safetensors")
+
+
+def test_calibrate_is_interruptible(comfy):
+    patcher = make_patcher()
+    comfy.mm.interrupt_current_processing(True)
+    with pytest.raises(comfy.mm.InterruptProcessingException):
+        calibrate(comfy, patcher)
+    dm = patcher.model.diffusion_model
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in dm.modules())
+
+
+# -- quantize -------------------------------------------------------------------------------------
+def test_quantize_is_fresh_true_size_and_matches_python_api(comfy):
+    from ditq import QuantConfig, quantize
+
+    patcher = make_patcher()
+    before = {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    fp_out = sample(comfy, patcher)
+    qp, report = comfy.nodes["DitqQuantizeDiT"].execute(model=patcher, preset="rtn-w8a8-dynamic",
+                                                        weight_bits="preset").args
+    dm = patcher.model.diffusion_model
+    assert type(dm.blocks[0].attn.qkv) is torch.nn.Linear
+    assert all(torch.equal(before[k], v) for k, v in dm.state_dict().items()), "input model was mutated"
+    assert qp is not patcher and qp.model is not patcher.model
+    sd = qp.model.state_dict()
+    assert qp.model_size() == sum(t.nbytes for t in sd.values()) < 0.6 * patcher.model_size()
+    assert sd["diffusion_model.blocks.0.attn.qkv.weight"].dtype == torch.int8
+    assert "14 layers" in report
+    q_out = sample(comfy, qp)
+    # same numbers as the Python API on a copy of the module
+    ref = copy.deepcopy(patcher)
+    ref.model = copy.deepcopy(patcher.model)
+    quantize(ref.model.diffusion_model, QuantConfig.preset("rtn-w8a8-dynamic"), progress=False)
+    torch.testing.assert_close(q_out, sample(comfy, ref), rtol=0, atol=0)
+    assert 0 < rel(q_out, fp_out) < 0.02
+    assert comfy.utils.BARS[-1].current == comfy.utils.BARS[-1].total == 14
+
+
+def test_quantize_errors_are_clear(comfy):
+    node = comfy.nodes["DitqQuantizeDiT"]
+    patcher = make_patcher()
+    with pytest.raises(ValueError, match="needs calibration.*Calibrate DiT"):
+        node.execute(model=patcher, preset="rtn-w8a8", weight_bits="preset")
+    lora = patcher.clone()
+    lora.patches["diffusion_model.blocks.0.attn.qkv.weight"] = [("diff",)]
+    with pytest.raises(ValueError, match="LoRA.*after"):
+        node.execute(model=lora, preset="rtn-w8a8-dynamic", weight_bits="preset")
+    qp = node.execute(model=patcher, preset="rtn-w8a8-dynamic", weight_bits="preset").args[0]
+    with pytest.raises(ValueError, match="already quantized by ditq"):
+        node.execute(model=qp, preset="rtn-w8a8-dynamic", weight_bits="preset")
+
+
+def test_static_preset_uses_the_node_calibration(comfy):
+    patcher = make_patcher()
+    calib, _ = calibrate(comfy, patcher)
+    qp = comfy.nodes["DitqQuantizeDiT"].execute(model=patcher, preset="rtn-w8a8", weight_bits="4",
+                                                calibration=calib).args[0]
+    layer = qp.model.diffusion_model.blocks[1].mlp.fc2
+    expected = calib.get("blocks.1.mlp.fc2", "act_absmax").max() / 127
+    torch.testing.assert_close(layer.input_scale, expected.reshape(1))
+    assert layer.scheme.weight_bits == 4 and layer.weight.dtype == torch.uint8
+    assert rel(sample(comfy, qp), sample(comfy, patcher)) < 0.5
+
+
+# -- files ----------------------------------------------------------------------------------------
+def test_save_load_round_trip_and_validation(comfy):
+    from safetensors import safe_open
+
+    save, load = comfy.nodes["DitqSaveQuantizedDiT"], comfy.nodes["DitqLoadQuantizedDiT"]
+    qp = comfy.nodes["DitqQuantizeDiT"].execute(model=make_patcher(), preset="rtn-w4a8", weight_bits="preset").args[0]
+    path = Path(save.execute(model=qp, filename="tiny_w4", format="ditq", overwrite=False).args[0])
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        assert "blocks.0.attn.qkv.weight" in f.keys()
+    assert json.loads(meta["ditq.model_config"])["comfyui"]["unet_config"]["hidden_size"] == 64
+    assert json.loads(meta["ditq.quantization_config"])["method"] == "rtn"
+    with pytest.raises(FileExistsError):
+        save.execute(model=qp, filename="tiny_w4", format="ditq", overwrite=False)
+    assert load.execute(model_name="tiny_w4.safetensors").args[0] is not None
+    loaded = load.execute(model_name="tiny_w4.safetensors").args[0]
+    assert loaded.model_size() == qp.model_size()
+    torch.testing.assert_close(sample(comfy, loaded), sample(comfy, qp), rtol=0, atol=0)
+    # a truncated file and a non-ComfyUI ditq file fail with the file named
+    from ditq import CheckpointError
+
+    bad = path.with_name("broken.safetensors")
+    bad.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="broken.safetensors"):
+        load.execute(model_name="broken.safetensors")
+    with pytest.raises(ValueError, match="not quantized by ditq"):
+        save.execute(model=make_patcher(), filename="fp", format="ditq", overwrite=True)
+
+
+def test_native_export(comfy):
+    from safetensors import safe_open
+
+    from ditq.nodes.comfy_adapter import ComfyAdapterError
+
+    save, quant = comfy.nodes["DitqSaveQuantizedDiT"], comfy.nodes["DitqQuantizeDiT"]
+    qp = quant.execute(model=make_patcher(), preset="rtn-w8a8-dynamic", weight_bits="preset").args[0]
+    out = save.execute(model=qp, filename="native", format="comfyui-native", overwrite=True)
+    path = Path(out.args[0])
+    assert path.parent.name == "diffusion_models"
+    with safe_open(str(path), "pt") as f:
+        layers = json.loads(f.metadata()["_quantization_metadata"])["layers"]
+        w, s = f.get_tensor("blocks.0.mlp.fc1.weight"), f.get_tensor("blocks.0.mlp.fc1.weight_scale")
+        assert f.get_tensor("t_block.1.weight").dtype == torch.float32
+    assert layers["blocks.0.mlp.fc1"] == {"format": "int8_tensorwise"} and len(layers) == 14
+    layer = qp.model.diffusion_model.blocks[0].mlp.fc1
+    assert w.dtype == torch.int8 and s.shape == (256, 1)
+    torch.testing.assert_close(w.float() * s, layer.effective_weight(), rtol=0, atol=0)
+    fp8 = quant.execute(model=make_patcher(), preset="rtn-fp8", weight_bits="preset").args[0]
+    text = save.execute(model=fp8, filename="native_fp8", format="comfyui-native", overwrite=True).ui["text"][0]
+    assert "fp8 per-tensor, weight SQNR" in text
+    w4 = quant.execute(model=make_patcher(), preset="rtn-w4a8", weight_bits="preset").args[0]
+    with pytest.raises(ComfyAdapterError, match="blocks.0.attn.qkv.*int4.*no ComfyUI-native format"):
+        save.execute(model=w4, filename="native_w4", format="comfyui-native", overwrite=True)
+
+
+# -- LoRA / offload contract ----------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["rtn-w8a8-dynamic", "rtn-w4a8", "rtn-fp8"])
+def test_lora_contract(comfy, preset):
+    qp = comfy.nodes["DitqQuantizeDiT"].execute(model=make_patcher(), preset=preset, weight_bits="preset").args[0]
+    layer = qp.model.diffusion_model.blocks[0].mlp.fc1
+    stored = layer.weight.detach().clone()
+    assert isinstance(layer.weight, torch.nn.Parameter) and not layer.weight.requires_grad
+    assert "diffusion_model.blocks.0.mlp.fc1.weight" in qp.model.state_dict()
+    w = layer.convert_weight(stored.float())
+    torch.testing.assert_close(w, layer.effective_weight())
+    assert torch.equal(layer.set_weight(w, return_weight=True), stored), "re-encoding must be lossless"
+    x = torch.randn(5, 64)
+    delta = torch.randn_like(w) * 0.01
+    layer.weight_function = [lambda t: t + delta]   # lowvram path: dequantized weight + patch
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w + delta, layer.bias))
+    layer.weight_function = []
+    layer.set_weight(w + delta)                      # full-load path: merged and re-encoded
+    target, scale = w + delta, layer.weight_scale           # per-row scales [N, 1], kept fixed
+    if preset == "rtn-fp8":
+        limit, bound = scale * 448, target.abs() / 16 + scale * 2.0 ** -9
+    else:
+        limit, bound = scale * (2 ** (layer.scheme.weight_bits - 1) - 1), scale / 2
+    excess = (target.abs() - limit).clamp_min(0)               # LoRA beyond the range clamps
+    assert ((layer.effective_weight() - target).abs() <= bound * 1.001 + excess + 1e-7).all()
+    assert not torch.equal(layer.weight, stored)
+
+
+# -- workflows ------------------------------------------------------------------------------------
+STOCK = {"UNETLoader", "CLIPLoader", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAELoader",
+         "VAEDecode", "SaveImage", "PreviewImage", "LoraLoaderModelOnly"}
+
+
+def test_workflows_are_loadable_ui_json(comfy):
+    files = sorted((ROOT / "workflows").glob("*.json"))
+    assert len(files) == 3
+    # ComfyUI's template browser reads workflows/ too; a second folder would list each twice
+    assert not (ROOT / "example_workflows").exists()
+    for path in files:
+        wf = json.loads(path.read_text())
+        assert wf["version"] == 0.4 and wf["last_node_id"] == max(n["id"] for n in wf["nodes"])
+        nodes = {n["id"]: n for n in wf["nodes"]}
+        for link_id, src_id, src_slot, dst_id, dst_slot, typ in wf["links"]:
+            assert nodes[src_id]["outputs"][src_slot]["type"] == typ
+            assert link_id in nodes[src_id]["outputs"][src_slot]["links"]
+            assert nodes[dst_id]["inputs"][dst_slot]["link"] == link_id
+        for n in wf["nodes"]:
+            if n["type"] in comfy.nodes:
+                schema = comfy.nodes[n["type"]].GET_SCHEMA()
+                slots = []  # widget inputs in schema order; control_after_generate adds a value
+                for i in schema.inputs:
+                    if i.io_type in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                        slots += [i, None] if i.options.get("control_after_generate") else [i]
+                assert len(n["widgets_values"]) == len(slots), f"{path.name}: {n['type']} widgets"
+                for i, v in zip(slots, n["widgets_values"]):
+                    if i is not None and i.io_type == "COMBO" and i.id not in ("load_calibration", "model_name"):
+                        assert v in i.options["options"], f"{path.name}: {n['type']}.{i.id}={v!r}"
+            else:
+                assert n["type"] in STOCK, f"{path.name}: unknown node {n['type']}"
