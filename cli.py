@@ -42,15 +42,12 @@ def _quantize(args) -> int:
 
 
 def _info(args) -> int:
-    from .quant_core.serialization import CONFIG_NAME, CheckpointError, check_quantization_config, read_safetensors
+    from .quant_core.serialization import CONFIG_NAME, CheckpointError, check_quantization_config, read_single_file
 
     path = Path(args.path)
     try:
         if path.suffix == ".safetensors":
-            tensors, meta = read_safetensors(path)
-            if "ditq.quantization_config" not in meta:
-                raise CheckpointError(f"{path}: no ditq quantization config in the header")
-            qcfg = json.loads(meta["ditq.quantization_config"])
+            _, qcfg, _ = read_single_file(path)
         else:
             cfg_path = path / CONFIG_NAME if path.is_dir() else path
             if not cfg_path.is_file():

@@ -17,8 +17,22 @@ WEIGHT_GRANULARITIES = ("channel", "group", "tensor")
 ACT_MODES = ("dynamic_token", "dynamic_token_group", "static_tensor", "dynamic_token_fp8")
 
 
+class _DictRoundTrip:
+    """to_dict / from_dict for a dataclass, refusing unknown fields (a typo must not pass silently)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {sorted(unknown)}")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class LayerScheme:
+class LayerScheme(_DictRoundTrip):
     """Storage and runtime format of one quantized Linear.
 
     weight_format "int": ``weight_bits`` in 2..8, packed (see quantizers.pack_bits);
@@ -83,19 +97,10 @@ class LayerScheme:
         }[self.act_mode]
         return f"{w} / {a}"
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LayerScheme":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown LayerScheme field(s) {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass
-class QuantConfig:
+class QuantConfig(_DictRoundTrip):
     """A quantization recipe.
 
     >>> cfg = QuantConfig.preset("rtn-w8a8-dynamic")
@@ -151,16 +156,6 @@ class QuantConfig:
         return not any(re.search(p, layer) for p in self.exclude)
 
     # -- JSON --------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown QuantConfig field(s) {sorted(unknown)}")
-        return cls(**d)
-
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 

@@ -137,8 +137,7 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in d.items() if not k.startswith("_") or k in ("_class_name", "_diffusers_version")}
 
 
-def save_quantized(model: nn.Module, path, *, max_shard_bytes: int | None = None,
-                   model_config: dict[str, Any] | None = None) -> Path:
+def save_quantized(model: nn.Module, path, *, model_config: dict[str, Any] | None = None) -> Path:
     """Write a quantized model: a folder (diffusers layout), or one file if ``path`` ends in
     ``.safetensors``. Returns the path written. ``model_config`` replaces the config read from
     ``model.config`` (models without a diffusers config, e.g. ComfyUI's, say how to rebuild them).
