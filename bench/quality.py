@@ -6,7 +6,8 @@ class-conditional DiT, and any diffusers PixArt folder / Hub repo given with ``-
 preset: weight bytes in memory and on disk vs fp16, resident and FP sizes, PSNR/SSIM of decoded images
 and relative latent error vs full precision, mean weight SQNR, calibration and quantization seconds.
 Results go to ``bench/results/quality.{md,json}`` with device, date, commit and the exact command, and
-a PNG grid per model. GPU speed results of ``bench/bench_gemm.py`` / ``bench_e2e.py`` are linked when present.
+a PNG grid per model. GPU speed results of ``bench/bench_gemm.py`` / ``bench_e2e.py`` (``results/gemm.md``, ``results/e2e.md``)
+are linked when present.
 
     python bench/quality.py            # full run (CPU, < 15 min)
     python bench/quality.py --smoke    # < 1 min, used by the tests
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
         lines += [f"Stress model check: planting the outliers changes the FP latents by rel-L2 {stress_err:.2e} "
                   "(function preserved).", ""]
     lines += ["## Papers' orderings on our models", "", *orderings(results), "", "## Results", "", *sections]
-    speed = sorted(HERE.glob("results/gpu_*.md"))
+    speed = [p for p in (HERE / "results" / "gemm.md", HERE / "results" / "e2e.md") if p.is_file()]
     lines += ["## Speed (GPU)", ""] + ([f"- [{p.stem}]({p.name})" for p in speed] or
                                       ["No GPU results yet: `bench/bench_gemm.py` and `bench/bench_e2e.py` "
                                        "need a CUDA GPU."])
