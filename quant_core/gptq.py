@@ -76,7 +76,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, *, bits: int, symmetric: bool = True,
     w[:, dead] = 0.0
     u = _inverse_hessian_factor(h, damp, name)
 
-    q = torch.empty(n, k, dtype=torch.int8 if symmetric else torch.uint8, device=w.device)
+    qmin, qmax = qz.int_range(bits, symmetric)
+    q = torch.empty(n, k, dtype=torch.float64, device=w.device)
     scales = torch.empty(n, groups, dtype=torch.float32, device=w.device)
     zeros = None if symmetric else torch.empty(n, groups, dtype=torch.float32, device=w.device)
     block = -(-max(block_size, 1) // gs) * gs if groups > 1 else max(block_size, 1)
@@ -91,15 +92,17 @@ def gptq(w: torch.Tensor, h: torch.Tensor, *, bits: int, symmetric: bool = True,
                 scales[:, col // gs] = scale[:, 0]
                 if zeros is not None:
                     zeros[:, col // gs] = zero[:, 0]
-            g = col // gs
-            s, z = scales[:, g:g + 1], None if zeros is None else zeros[:, g:g + 1]
-            qc = qz.quantize(wb[:, i:i + 1], s, z, bits, symmetric)
-            q[:, col] = qc[:, 0]
-            err = (wb[:, i] - qz.dequantize(qc, s, z).double()[:, 0]) / u[col, col]
+                s = scale[:, 0]
+                z = torch.zeros_like(s) if zero is None else zero[:, 0]
+            # quantizers.quantize / dequantize of one column, inlined (float32 rounding, as there):
+            # this loop runs K times
+            qc = (torch.round(wb[:, i].float() / s) + z).clamp_(qmin, qmax)
+            q[:, col] = qc
+            err = (wb[:, i] - ((qc - z) * s).double()) / u[col, col]
             wb[:, i + 1:] -= err.unsqueeze(1) * u[col, col + 1:b1].unsqueeze(0)
             errs[:, i] = err
         w[:, b1:] -= errs @ u[b0:b1, b1:]
-    return q, scales, zeros
+    return q.to(torch.int8 if symmetric else torch.uint8), scales, zeros
 
 
 def gptq_quantize_linear(linear: nn.Linear, scheme: LayerScheme, samples: torch.Tensor, *, name: str = "",
