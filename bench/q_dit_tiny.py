@@ -17,7 +17,7 @@ steps = call.pop("num_inference_steps")
 t=time.time()
 calib = calibrate(pipe, conds, num_inference_steps=steps, needs=("act_samples",), stat_options={"act_samples": {"limit": 1024}}, progress=False, **call)
 print("calib", time.time()-t)
-calls = capture_model_inputs(pipe, conds[:2], num_inference_steps=steps, seed=123, steps_per_run=1, **call)
+calls = capture_model_inputs(pipe, conds[:2], dict(call, num_inference_steps=steps), seed=123, steps_per_run=1)
 fid = OutputFidelity(pipe.transformer, calls)
 db = lambda l: -10*math.log10(l)
 res = {}

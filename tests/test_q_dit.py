@@ -21,7 +21,7 @@ def _setup(pipe, conds, call):
     call = {k: v for k, v in call.items() if k != "num_inference_steps"}
     calib = calibrate(pipe, conds, num_inference_steps=STEPS, needs=("act_samples",), progress=False,
                       stat_options={"act_samples": {"limit": 512}}, **call)
-    calls = capture_model_inputs(pipe, conds[:1], num_inference_steps=STEPS, seed=99, steps_per_run=1, **call)
+    calls = capture_model_inputs(pipe, conds[:1], dict(call, num_inference_steps=STEPS), seed=99, steps_per_run=1)
     return calib, OutputFidelity(pipe.transformer, calls), call
 
 
@@ -116,7 +116,7 @@ def test_fid_fitness_with_stand_in_features(dit_pipe, builtin, fresh):
     from ditq.quant_core.fitness import FIDFitness
 
     pool = lambda imgs: torch.nn.functional.adaptive_avg_pool2d(imgs, 2).flatten(1)
-    fit = FIDFitness(dit_pipe, list(range(4)), pool, num_inference_steps=2, guidance_scale=4.0, batch_size=4)
+    fit = FIDFitness(dit_pipe, list(range(4)), dict(num_inference_steps=2, guidance_scale=4.0), pool)
     assert fit(dit_pipe.transformer) == pytest.approx(0, abs=1e-9)
     noisy = fresh(dit_pipe.transformer)
     with torch.no_grad():
