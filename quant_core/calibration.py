@@ -122,19 +122,25 @@ class CalibrationData:
 class CalibrationRecorder:
     """Context manager that hooks ``layers`` of ``model`` and records ``needs`` statistics.
 
-    The step index advances on every forward of ``model`` (one call = one denoising step, CFG halves
-    batched); call :meth:`new_run` before each sampling run. ``on_step`` is called after each step
+    ``stat_options`` passes keyword arguments to a statistic's constructor, e.g.
+    ``{"act_samples": {"limit": 2048}}`` for a larger GPTQ sample. The step index advances on every
+    forward of ``model`` (one call = one denoising step, CFG halves batched); call :meth:`new_run`
+    before each sampling run. ``on_step`` is called after each step
     (progress bars, interrupt checks: raising from it aborts cleanly). Hooks are removed on exit,
     also when sampling raises.
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str], needs: Sequence[str] = ("act_absmax",),
-                 on_step: Callable[[int], None] | None = None):
+                 on_step: Callable[[int], None] | None = None, stat_options: dict[str, dict] | None = None):
         unknown = set(needs) - set(STATISTICS)
         if unknown:
             raise ValueError(f"unknown calibration statistic(s) {sorted(unknown)}; known: {sorted(STATISTICS)}")
         self.model, self.layers, self.needs, self.on_step = model, list(layers), tuple(needs), on_step
-        self.stats = {name: {n: STATISTICS[n]() for n in self.needs} for name in self.layers}
+        opts = dict(stat_options or {})
+        stray = set(opts) - set(self.needs)
+        if stray:
+            raise ValueError(f"stat_options given for statistic(s) {sorted(stray)} not in needs {list(self.needs)}")
+        self.stats = {name: {n: STATISTICS[n](**opts.get(n, {})) for n in self.needs} for name in self.layers}
         self.timesteps: list[float] = []
         self.step = -1
         self._handles: list = []
@@ -186,11 +192,12 @@ class CalibrationRecorder:
 def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int = 0, *,
               needs: Sequence[str] = ("act_absmax",), guidance_scale: float | None = None,
               batch_size: int = 1, layers: Iterable[str] | None = None, progress: bool = True,
-              **pipe_kwargs) -> CalibrationData:
+              stat_options: dict[str, dict] | None = None, **pipe_kwargs) -> CalibrationData:
     """Run the full-precision pipeline once over ``prompts`` and record statistics.
 
     ``prompts`` are strings for text-conditioned pipelines (PixArt) or class labels (ints) for
-    ``DiTPipeline``. Returns :class:`CalibrationData`; the pipeline is left unchanged.
+    ``DiTPipeline``. ``stat_options`` configures statistics (see :class:`CalibrationRecorder`).
+    Returns :class:`CalibrationData`; the pipeline is left unchanged.
 
     >>> calib = calibrate(pipe, ["a red fox in snow"], num_inference_steps=20, seed=0)
     >>> calib.save("calib.safetensors")
@@ -211,7 +218,7 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
         kwargs.setdefault("output_type", "latent")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    rec = CalibrationRecorder(model, layers, needs, on_step=lambda step: bar.update(1))
+    rec = CalibrationRecorder(model, layers, needs, on_step=lambda step: bar.update(1), stat_options=stat_options)
     try:
         with rec, torch.no_grad():
             for i, batch in enumerate(batches):
@@ -225,4 +232,5 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
     finally:
         bar.close()
     return rec.result({"model": type(model).__name__, "num_prompts": len(prompts),
-                       "num_inference_steps": num_inference_steps, "seed": seed, "needs": list(needs)})
+                       "num_inference_steps": num_inference_steps, "seed": seed, "needs": list(needs),
+                       "stat_options": stat_options or {}})

@@ -86,6 +86,30 @@ def compute_scale(
     return scale, zero
 
 
+def mse_clip_scale(
+    x: torch.Tensor, bits: int, *, symmetric: bool = True, groups: int = 1, steps: int = 100,
+    shrink: float = 0.001, norm: float = 2.4,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Like :func:`compute_scale`, but each (row, group) range is clipped by the factor
+    ``1 - shrink * i`` (i < ``steps``) that minimises the ``norm``-power quantization error
+    (the LAPQ-style "mse" weight quantizer Q-DiT uses, p = 2.4)."""
+    g = _grouped(x.float(), groups)
+    rows = g.shape[0]
+    best_err = torch.full(g.shape[:2], float("inf"), device=x.device)
+    best_scale = best_zero = None
+    for i in range(steps):
+        factor = 1.0 - shrink * i
+        scale, zero = compute_scale((g * factor).reshape(rows, -1), bits, symmetric=symmetric, groups=groups)
+        deq = dequantize(quantize(x, scale, zero, bits, symmetric), scale, zero)
+        err = (_grouped(deq, groups) - g).abs().pow(norm).sum(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = scale if best_scale is None else torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = zero if best_zero is None else torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
 def quantize(
     x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, symmetric: bool = True
 ) -> torch.Tensor:

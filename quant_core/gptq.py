@@ -1,0 +1,126 @@
+"""GPTQ (Frantar et al., 2023): weight rounding that compensates each column's error on the columns
+not yet quantized, using the inverse Hessian ``H = X^T X / n`` of the layer's calibration inputs.
+
+A reusable pass over one Linear (Q-DiT uses it on top of its group sizes, methods.md §3.2a; any method
+may call :func:`gptq_quantize_linear`). Columns are processed left to right; the inverse Hessian is
+taken once as an upper Cholesky factor ``U`` (``H^-1 = U^T U``), so the error of column ``i`` moves
+the later columns by ``err_i * U[i, i+1:] / U[i, i]``. Updates are applied lazily per block of
+columns (the same result, fewer passes over ``W``). With group quantization, a group's scale is taken
+when the first column of the group is reached, from the group's columns as updated so far, with the
+layer's own group size (the released Q-DiT code passed block 0's group size to every layer; we don't).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import quantizers as qz
+from .config import LayerScheme
+
+ScaleFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def hessian(samples: torch.Tensor, name: str = "layer") -> torch.Tensor:
+    """``X^T X / n`` in float64 from input rows ``[n, K]``."""
+    if samples.dim() != 2 or samples.shape[0] == 0:
+        raise ValueError(f"{name}: GPTQ needs calibration input rows [n, K], got shape {tuple(samples.shape)}")
+    qz.check_finite(samples, f"{name} calibration inputs")
+    x = samples.double()
+    return x.t() @ x / x.shape[0]
+
+
+def minmax_scale_fn(bits: int, symmetric: bool) -> ScaleFn:
+    return lambda w: qz.compute_scale(w, bits, symmetric=symmetric)
+
+
+def mse_scale_fn(bits: int, symmetric: bool) -> ScaleFn:
+    return lambda w: qz.mse_clip_scale(w, bits, symmetric=symmetric)
+
+
+def _inverse_hessian_factor(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``."""
+    k = h.shape[0]
+    h = h + damp * h.diagonal().mean() * torch.eye(k, dtype=h.dtype, device=h.device)
+    try:
+        chol = torch.linalg.cholesky(h)
+        return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(f"{name}: Hessian not positive definite even with damp={damp}; raise the damping "
+                         f"or calibrate on more inputs ({e})") from None
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, *, bits: int, symmetric: bool = True, group_size: int | None = None,
+         damp: float = 0.01, block_size: int = 128, scale_fn: ScaleFn | None = None, name: str = "layer",
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Quantize ``w [N, K]`` given the Hessian ``h [K, K]``.
+
+    Returns ``(q, scale, zero)`` as :func:`quantizers.quantize_weight` does: integer values ``[N, K]``
+    (int8 symmetric / uint8 asymmetric), float32 ``scale`` and ``zero`` (or None) of shape ``[N, G]``.
+    ``scale_fn`` maps weight columns ``[N, c]`` to a per-row ``(scale, zero)`` (min-max by default).
+    ``block_size`` only batches the updates: it is rounded up to a multiple of ``group_size`` so every
+    group is scaled from fully updated columns.
+    """
+    qz.check_finite(w, f"{name}.weight")
+    n, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"{name}: Hessian shape {tuple(h.shape)} does not match weight width {k}")
+    scale_fn = scale_fn or minmax_scale_fn(bits, symmetric)
+    groups = qz.num_groups(k, group_size)
+    gs = k // groups
+    w = w.double().clone()
+    h = h.double().clone()
+    dead = h.diagonal() == 0  # channels never active in calibration: any value is exact there
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    u = _inverse_hessian_factor(h, damp, name)
+
+    qmin, qmax = qz.int_range(bits, symmetric)
+    q = torch.empty(n, k, dtype=torch.float64, device=w.device)
+    scales = torch.empty(n, groups, dtype=torch.float32, device=w.device)
+    zeros = None if symmetric else torch.empty(n, groups, dtype=torch.float32, device=w.device)
+    block = -(-max(block_size, 1) // gs) * gs if groups > 1 else max(block_size, 1)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        wb = w[:, b0:b1]
+        errs = torch.empty_like(wb)
+        for i in range(b1 - b0):
+            col = b0 + i
+            if col % gs == 0:  # a new group lies inside this block (wb is a view of w): scale it as it is now
+                scale, zero = scale_fn(w[:, col:col + gs].float())
+                scales[:, col // gs] = scale[:, 0]
+                if zeros is not None:
+                    zeros[:, col // gs] = zero[:, 0]
+                s = scale[:, 0]
+                z = torch.zeros_like(s) if zero is None else zero[:, 0]
+            # quantizers.quantize / dequantize of one column, inlined (float32 rounding, as there):
+            # this loop runs K times
+            qc = (torch.round(wb[:, i].float() / s) + z).clamp_(qmin, qmax)
+            q[:, col] = qc
+            err = (wb[:, i] - ((qc - z) * s).double()) / u[col, col]
+            wb[:, i + 1:] -= err.unsqueeze(1) * u[col, col + 1:b1].unsqueeze(0)
+            errs[:, i] = err
+        w[:, b1:] -= errs @ u[b0:b1, b1:]
+    return q.to(torch.int8 if symmetric else torch.uint8), scales, zeros
+
+
+def gptq_quantize_linear(linear: nn.Linear, scheme: LayerScheme, samples: torch.Tensor, *, name: str = "",
+                         damp: float = 0.01, block_size: int = 128, clip: str = "minmax"):
+    """A :class:`QuantLinear` for ``linear`` whose integer weights GPTQ chose on ``samples``
+    (input rows ``[n, K]``, e.g. calibration statistic ``act_samples``). ``clip``: how each group's
+    range is set, ``"minmax"`` or ``"mse"`` (:func:`quantizers.mse_clip_scale`)."""
+    from .layers import QuantLinear
+
+    if scheme.weight_format != "int" or scheme.weight_granularity == "tensor":
+        raise ValueError(f"layer {name!r}: GPTQ quantizes integer weights per channel or group, "
+                         f"not {scheme.name}")
+    fns = {"minmax": minmax_scale_fn, "mse": mse_scale_fn}
+    if clip not in fns:
+        raise ValueError(f"layer {name!r}: unknown clip {clip!r}; expected one of {sorted(fns)}")
+    group = scheme.group_size if scheme.weight_granularity == "group" else None
+    q, scale, zero = gptq(linear.weight.detach(), hessian(samples.to(linear.weight.device), name),
+                          bits=scheme.weight_bits, symmetric=scheme.weight_symmetric, group_size=group,
+                          damp=damp, block_size=block_size,
+                          scale_fn=fns[clip](scheme.weight_bits, scheme.weight_symmetric), name=name)
+    return QuantLinear.from_quantized(linear, scheme, q, scale, zero, name=name)
