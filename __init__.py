@@ -27,9 +27,17 @@ _LAZY = {
     "CheckpointError": "quant_core.serialization",
     "QuantLinear": "quant_core.layers",
     "NonFiniteError": "quant_core.quantizers",
+    "QuantizedPixArtPipeline": "pipelines.pipeline",
+    "QuantizedDiTPipeline": "pipelines.pipeline",
 }
 
 __all__ = sorted(_LAZY)
+
+# diffusers finds the "ditq" quantizer backend once diffusers is imported (pipelines/registration.py);
+# this installs a one-shot import hook and imports nothing heavy.
+from .pipelines import registration as _registration  # noqa: E402
+
+_registration.install()
 
 
 async def comfy_entrypoint():
