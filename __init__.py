@@ -33,11 +33,11 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-# diffusers finds the "ditq" quantizer backend once diffusers is imported (pipelines/registration.py);
-# this installs a one-shot import hook and imports nothing heavy.
-from .pipelines import registration as _registration  # noqa: E402
-
-_registration.install()
+# diffusers finds the "ditq" quantizer backend once diffusers is imported (pipelines/registration.py):
+# this installs a one-shot import hook and imports nothing heavy. (pytest may import this file as a
+# plain module, without a package, while collecting tests: then there is nothing to register.)
+if __package__:
+    importlib.import_module(".pipelines.registration", __name__).install()
 
 
 async def comfy_entrypoint():

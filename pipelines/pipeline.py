@@ -135,7 +135,7 @@ class QuantizedPipelineMixin:
                                   "with a base_model repo id (upgrade ditq?)")
         import diffusers
 
-        model_kwargs = {k: kwargs[k] for k in ("torch_dtype", *_HUB_KEYS) if k in kwargs}
+        model_kwargs = {k: kwargs[k] for k in ("torch_dtype", "dtype", *_HUB_KEYS) if k in kwargs}
         transformer = getattr(diffusers, cls.transformer_class).from_pretrained(
             source, subfolder=pointer.get("transformer", "transformer"), **model_kwargs)
         base_kwargs = {**kwargs, "transformer": transformer, "revision": pointer.get("base_revision")}
