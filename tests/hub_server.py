@@ -1172,21 +1172,25 @@ class HubServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving (idempotent; also called by the lifetime timer)."""
+        """Stop serving and close the ports (idempotent; also called by the lifetime timer).
+
+        Holding the lock for the whole shutdown makes a concurrent caller (test teardown racing the
+        timer) wait until the ports are really closed instead of returning early.
+        """
         with self._stop_lock:
             if self._stopped.is_set():
                 return
-            self._stopped.set()
-        if self._timer is not None and self._timer is not threading.current_thread():
-            self._timer.cancel()
-        for server in self._servers:
-            server.shutdown()  # waits for serve_forever to return
-            server.close_open_connections()
-            server.server_close()
-        for thread in self._threads:
-            thread.join(timeout=5)
-        if self._owns_root:
-            shutil.rmtree(self.root, ignore_errors=True)
+            if self._timer is not None and self._timer is not threading.current_thread():
+                self._timer.cancel()
+            for server in self._servers:
+                server.shutdown()  # waits for serve_forever to return
+                server.close_open_connections()
+                server.server_close()
+            for thread in self._threads:
+                thread.join(timeout=5)
+            if self._owns_root:
+                shutil.rmtree(self.root, ignore_errors=True)
+            self._stopped.set()  # only now: `running` must not turn False while the ports still accept
 
     @property
     def running(self) -> bool:
@@ -1292,7 +1296,8 @@ def hub_server(
     """Run a ``HubServer`` for the duration of the ``with`` block.
 
     ``tmp_path``: where blobs are stored (``tmp_path/hub_server_store``); a private temp dir if None.
-    ``patch_client``: also re-point this process's already-imported client (``patch_hf_hub_endpoint``).
+    ``patch_client``: also re-point this process's client at the server (``patch_hf_hub_endpoint``), with
+    its cache in ``server.root / "hf_home"``.
     ``options``: forwarded to ``HubServer`` (max_lifetime_s, lfs_threshold, namespace, require_auth_for_writes).
     """
     root = Path(tmp_path) / "hub_server_store" if tmp_path is not None else None
@@ -1300,20 +1305,29 @@ def hub_server(
         root.mkdir(parents=True, exist_ok=True)
     with HubServer(root, **options) as server:
         if patch_client:
-            with patch_hf_hub_endpoint(server.url):
+            with patch_hf_hub_endpoint(server.url, hf_home=server.root / "hf_home"):
                 yield server
         else:
             yield server
 
 
 @contextlib.contextmanager
-def patch_hf_hub_endpoint(url: str, *, disable_xet: bool = True) -> Iterator[None]:
+def patch_hf_hub_endpoint(
+    url: str, *, hf_home: str | os.PathLike[str] | None = None, disable_xet: bool = True
+) -> Iterator[None]:
     """Point this process's huggingface_hub (and diffusers/transformers) at ``url``; undo on exit.
 
     Needed because HF_ENDPOINT is frozen into several module attributes at import time (see module
-    docstring) and an ephemeral port is only known once the server runs.  Also sets ``HF_ENDPOINT`` /
-    ``HF_HUB_DISABLE_XET`` in ``os.environ`` so a library imported later (and subprocesses) see them.
+    docstring) and an ephemeral port is only known once the server runs.  ``hf_home``, if given, also
+    moves the client's cache, token and registry files there, so in-process calls neither read nor
+    pollute the user's real ``~/.cache/huggingface``.  The matching variables are set in ``os.environ``
+    as well, for libraries imported inside the block and for subprocesses started from it.
     """
+    # Import first, with the caller's environment: patching then restoring attributes is exact, whereas
+    # a first import inside the block would freeze the test values into the constants for good.
+    from huggingface_hub import constants, hf_api
+    from huggingface_hub.utils import _http
+
     url = url.rstrip("/")
     saved: list[tuple[Any, str, Any]] = []
 
@@ -1321,27 +1335,46 @@ def patch_hf_hub_endpoint(url: str, *, disable_xet: bool = True) -> Iterator[Non
         saved.append((obj, name, getattr(obj, name)))
         setattr(obj, name, value)
 
-    saved_env = {key: os.environ.get(key) for key in ("HF_ENDPOINT", "HF_HUB_DISABLE_XET")}
-    os.environ["HF_ENDPOINT"] = url
+    env = {"HF_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1"}
     if disable_xet:
-        os.environ["HF_HUB_DISABLE_XET"] = "1"
+        env["HF_HUB_DISABLE_XET"] = "1"
+    if hf_home is not None:
+        env["HF_HOME"] = os.fspath(hf_home)
+    saved_env = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     try:
-        if "huggingface_hub" in sys.modules:
-            from huggingface_hub import constants, hf_api
-            from huggingface_hub.utils import _http
-
-            patch(constants, "ENDPOINT", url)
-            patch(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-            patch(constants, "HF_URL_HOSTS", constants.HF_URL_HOSTS | {urlsplit(url).hostname})
-            if disable_xet:
-                patch(constants, "HF_HUB_DISABLE_XET", True)
-            # Hosts allowed to receive the token and whose redirects HEAD follows.
-            patch(_http, "_HUB_ORIGINS", _http._HUB_ORIGINS | {_http._url_origin(url)})
-            # The module-level HfApi() behind create_repo/upload_folder/model_info/... (used by diffusers).
-            patch(hf_api.api, "endpoint", url)
+        patch(constants, "ENDPOINT", url)
+        patch(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+        patch(constants, "HF_URL_HOSTS", constants.HF_URL_HOSTS | {urlsplit(url).hostname})
+        # No /api/agent-harnesses lookup (it would be cached in HF_HOME for 24 h).
+        patch(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        if disable_xet:
+            patch(constants, "HF_HUB_DISABLE_XET", True)  # is_xet_available() reads it on every call
+        # Hosts allowed to receive the token and whose redirects HEAD follows.
+        patch(_http, "_HUB_ORIGINS", _http._HUB_ORIGINS | {_http._url_origin(url)})
+        # The module-level HfApi() behind create_repo/upload_folder/model_info/... (used by diffusers).
+        patch(hf_api.api, "endpoint", url)
+        if hf_home is not None:
+            home = os.fspath(hf_home)
+            paths = {
+                "HF_HOME": home,
+                "HF_HUB_CACHE": os.path.join(home, "hub"),
+                "HUGGINGFACE_HUB_CACHE": os.path.join(home, "hub"),
+                "HF_ASSETS_CACHE": os.path.join(home, "assets"),
+                "HUGGINGFACE_ASSETS_CACHE": os.path.join(home, "assets"),
+                "HF_XET_CACHE": os.path.join(home, "xet"),
+                "HF_TOKEN_PATH": os.path.join(home, "token"),
+                "HF_STORED_TOKENS_PATH": os.path.join(home, "stored_tokens"),
+                "AGENT_HARNESSES_PATH": os.path.join(home, ".agent_harnesses.json"),
+            }
+            for name, value in paths.items():
+                if hasattr(constants, name):
+                    patch(constants, name, value)
         hub_module = sys.modules.get("transformers.utils.hub")
-        if hub_module is not None and getattr(hub_module, "_hf_api", None) is not None:
-            patch(hub_module._hf_api, "endpoint", url)
+        if hub_module is not None and hasattr(hub_module, "_hf_api"):
+            # transformers builds its HfApi lazily from constants.ENDPOINT: drop it so it is rebuilt with the
+            # patched value, and put the original back on exit.
+            patch(hub_module, "_hf_api", None)
         for name, module in list(sys.modules.items()):
             # diffusers copies HF_ENDPOINT into HUGGINGFACE_CO_RESOLVE_ENDPOINT (error messages only).
             if name.startswith("diffusers") and module is not None and hasattr(module, "HUGGINGFACE_CO_RESOLVE_ENDPOINT"):
