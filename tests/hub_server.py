@@ -11,27 +11,33 @@ old revisions.  Everything lives in a temporary directory and disappears with th
 Fixture API (import it from a conftest; this module does not import pytest)
 --------------------------------------------------------------------------
 ``hub_server(tmp_path=None, *, patch_client=False, **options) -> ContextManager[HubServer]``
-    Starts a server on ``127.0.0.1:<ephemeral port>`` in daemon threads and stops it on exit.  Blobs go to
-    ``tmp_path / "hub_server_store"`` (or a private temp dir that is deleted).  With ``patch_client=True``
-    the already-imported ``huggingface_hub`` / ``transformers`` / ``diffusers`` of *this* process are
-    re-pointed at the server for the duration (see ``patch_hf_hub_endpoint``).  Options:
-    ``max_lifetime_s`` (default 600: the server also stops by itself after that long),
-    ``lfs_threshold`` (bytes, default 10 MiB), ``namespace`` (default ``"test-user"``, used when a repo
-    is created without an organisation), ``require_auth_for_writes`` (default False).
+    Starts a server on ``127.0.0.1:<ephemeral port>`` in daemon threads and stops it on exit.  Blobs go
+    to ``tmp_path / "hub_server_store"`` (or a private temp dir, deleted on exit).  With
+    ``patch_client=True`` this process's ``huggingface_hub`` (+ transformers / diffusers) is pointed at
+    the server for the duration, with its cache in ``server.root / "hf_home"`` (see
+    ``patch_hf_hub_endpoint``).  Options, forwarded to ``HubServer``: ``max_lifetime_s`` (default 600:
+    the server also stops by itself after that long), ``lfs_threshold`` (bytes, default 10 MiB),
+    ``namespace`` (default ``"test-user"``: owner of repos created without an organisation),
+    ``require_auth_for_writes`` (default False; True answers 401 to writes without a Bearer token).
 
-``HubServer``
-    ``.url`` (Hub origin, use as ``HF_ENDPOINT``), ``.cdn_url`` (second origin serving LFS objects,
-    like the real Hub's CDN), ``.requests`` (list of ``RequestRecord``: method, path, query, status,
-    origin, headers), ``.clear_requests()``, ``.unhandled`` (requests that hit no route: assert it is
-    empty to catch client features this server does not implement), ``.client_env(hf_home,
-    offline=False, token=None)`` (env vars for a *fresh subprocess*), ``.list_files(repo_id,
-    revision)``, ``.read_file(repo_id, path, revision)``, ``.commits(repo_id, revision)``,
-    ``.stop()``.
+``HubServer`` (also usable directly: ``with HubServer(root) as server:`` or ``.start()`` / ``.stop()``)
+    ``.url``: the Hub origin, to use as ``HF_ENDPOINT``.  ``.cdn_url``: a second origin serving LFS
+    objects, like the real Hub's CDN.  ``.root``: storage dir.  ``.running``.
+    ``.requests``: snapshot list of ``RequestRecord`` (``method``, ``path`` (decoded), ``raw_path``,
+    ``query``, ``origin`` ("hub"/"cdn"), ``headers`` (lower-case names), ``status``, ``time``);
+    ``.clear_requests()``.  ``.unhandled``: requests that matched no route -- assert it is empty to
+    catch client features this server lacks.
+    ``.client_env(hf_home=None, *, offline=False, token=None) -> dict``: env vars for a *fresh
+    subprocess* (HF_ENDPOINT, HF_HUB_DISABLE_XET, HF_HUB_DISABLE_TELEMETRY, HF_HOME, ...).
+    Server-side helpers (no HTTP): ``.create_repo(repo_id, repo_type="model", private=False)``,
+    ``.list_files(repo_id, revision="main")``, ``.read_file(repo_id, path, revision="main")``,
+    ``.is_lfs(repo_id, path, revision="main")``, ``.commits(repo_id, revision="main")`` (newest first).
 
-``patch_hf_hub_endpoint(url)``
-    Context manager re-pointing an *already imported* client at ``url`` (see "import-time constants").
+``patch_hf_hub_endpoint(url, *, hf_home=None, disable_xet=True)``
+    Context manager pointing this process's client at ``url`` (see the import-time constants below),
+    restoring everything on exit.
 
-Typical conftest::
+Typical conftest (``tests/`` is on ``sys.path`` under pytest's default rootdir-based import mode)::
 
     from hub_server import hub_server
 
@@ -41,7 +47,7 @@ Typical conftest::
             yield server
 
     def test_roundtrip(hub, tmp_path):
-        pipe.push_to_hub("org/tiny")                  # in-process: works thanks to patch_client=True
+        pipe.push_to_hub("org/tiny", token="x")       # in-process: works thanks to patch_client=True
         env = {**os.environ, **hub.client_env(tmp_path / "hf_home")}
         subprocess.run([sys.executable, "-c", "..."], env=env, check=True)  # fresh process
 
@@ -55,7 +61,7 @@ Environment variables and their ordering constraints (huggingface_hub 2.4.0)
   once more into ``diffusers.utils.constants.HUGGINGFACE_CO_RESOLVE_ENDPOINT`` (error messages only)
   and transformers caches an ``HfApi`` in ``transformers.utils.hub._hf_api`` on first use.  Setting
   ``os.environ["HF_ENDPOINT"]`` after ``import huggingface_hub`` (or after importing diffusers /
-  transformers, which import it) has NO effect (``test_endpoint_is_frozen_at_import`` checks it).
+  transformers, which import it) has NO effect (``test_endpoint_constant_is_frozen_at_import``).
   Since the port is ephemeral, a subprocess must get ``HF_ENDPOINT`` in its environment at start,
   and the test process itself needs ``patch_hf_hub_endpoint``.
 * ``HF_HUB_DISABLE_XET=1`` is REQUIRED for uploads, also read at import (patchable at run time as
@@ -70,6 +76,10 @@ Environment variables and their ordering constraints (huggingface_hub 2.4.0)
 * ``HF_HUB_OFFLINE=1`` must likewise be set before the import; it turns every request into
   ``OfflineModeIsEnabled`` and ``snapshot_download`` then serves ``refs/main`` + ``snapshots/<sha>``
   from the cache, checking completeness against the cached tree listing ``trees/<sha>.json``.
+  ditq's ``tests/conftest.py`` does ``os.environ.setdefault("HF_HUB_OFFLINE", "1")``, so both
+  ``client_env()`` (``"0"`` unless ``offline=True``) and ``patch_hf_hub_endpoint`` (which patches
+  ``constants.HF_HUB_OFFLINE``, read by ``is_offline_mode()`` on every call, and diffusers' import-time
+  copies) set it explicitly; ``{**os.environ, **client_env(...)}`` is therefore safe.
 * ``HF_HUB_DISABLE_TELEMETRY=1`` (set by ``client_env``): without it, building the user agent makes
   the client fetch ``{constants.ENDPOINT}/api/agent-harnesses`` once a process (cached 24 h in
   ``$HF_HOME/.agent_harnesses.json``).  That goes to ``constants.ENDPOINT`` even when every call passes
@@ -78,20 +88,33 @@ Environment variables and their ordering constraints (huggingface_hub 2.4.0)
 
 How diffusers ``DiffusionPipeline.from_pretrained("org/repo")`` resolves against this server
 -----------------------------------------------------------------------------------------
-With ``HF_ENDPOINT`` set before import, diffusers 0.42.1 does, in order: ``GET
-/api/models/org/repo/revision/main`` (``resolve_revision`` -> sha; ``refs/main`` written to the cache),
-``GET /api/models/org/repo/revision/<sha>`` (``model_info``: it needs ``siblings`` to pick the
-allow/ignore patterns), ``HEAD /org/repo/resolve/<sha>/model_index.json``, then ``snapshot_download``
-with the resolved sha (which skips ``repo_info``): ``GET /api/models/org/repo/tree/<sha>?recursive=
-true`` and one ``HEAD /org/repo/resolve/<sha>/<file>`` per file (+ a ``GET`` per file not cached).
-Regular files come straight from ``/resolve`` (200, ``ETag`` = git blob sha1); LFS files get a 302
-to ``cdn_url`` carrying ``X-Linked-Etag`` (sha256) and ``X-Linked-Size``, which the client does not
-follow for the HEAD (other origin) and then GETs without the ``Authorization`` header, as with the
-real Hub's CDN.  transformers components (``T5EncoderModel``, ``ByT5Tokenizer``) load from the
-snapshot folder, so they cause no further requests.  ``push_to_hub`` does ``POST /api/repos/create``,
-``HEAD .../resolve/main/README.md`` (404: new model card), ``POST /api/validate-yaml``, ``POST
-.../preupload/main``, the LFS batch + ``PUT`` to the CDN + verify for ``*.safetensors``, and ``POST
-.../commit/main`` (NDJSON).
+Checked with diffusers 0.42.1 / transformers 5.23 in a fresh process with ``HF_ENDPOINT`` set before
+import (``test_diffusers_pipeline_push_and_from_pretrained``).  Requests, in order:
+
+1. ``GET /api/models/org/repo`` -- ``_resolve_revision`` -> ``HfApi.resolve_revision`` -> ``repo_info``
+   gives the sha of ``main``; ``refs/main`` is written to the cache.  The result is a
+   ``ResolvedRevision``: a ``str`` whose *value is still "main"*, the sha being in ``.resolved``.
+2. ``GET /api/models/org/repo/revision/main`` -- ``model_info`` (so it is not pinned to the sha); only
+   ``siblings`` is used, to compute allow/ignore patterns (variants, safetensors vs bin).
+3. ``HEAD`` + ``GET /org/repo/resolve/<sha>/model_index.json``.
+4. ``snapshot_download`` with the ``ResolvedRevision`` (no ``repo_info`` call):
+   ``GET /api/models/org/repo/tree/<sha>?recursive=true&expand=false`` (cached on disk as
+   ``trees/<sha>.json``), then one ``HEAD /org/repo/resolve/<sha>/<file>`` per file plus a ``GET`` per
+   file not yet cached.  Regular files come straight from ``/resolve`` (200, ``ETag`` = git blob
+   sha1).  LFS files get a 302 to ``cdn_url`` carrying ``X-Linked-Etag`` (sha256) and
+   ``X-Linked-Size``; the client does not follow it for the HEAD (other origin) and GETs the CDN URL
+   without the ``Authorization`` header, exactly as with the real Hub's CDN.
+5. transformers components (``T5EncoderModel``, ``ByT5Tokenizer``) load from the snapshot folder: no
+   further requests.
+
+``push_to_hub`` (in-process, ``patch_client=True``): ``POST /api/repos/create``, ``HEAD
+.../resolve/main/README.md`` (404 -> new model card), ``POST /api/validate-yaml`` (twice), ``POST
+.../preupload/main``, ``POST /org/repo.git/info/lfs/objects/batch`` + one ``PUT`` to the CDN and one
+``.../objects/verify`` per ``*.safetensors``, then ``POST .../commit/main`` (NDJSON).  Without
+``HF_HUB_DISABLE_TELEMETRY`` a process's first request is preceded by ``GET /api/agent-harnesses``.
+
+Gotcha when comparing outputs: freshly constructed modules are in train mode (T5's dropout is 0.1)
+while ``from_pretrained`` returns eval-mode modules, so call ``.eval()`` on the reference components.
 
 Protocol notes
 --------------
@@ -1249,12 +1272,16 @@ class HubServer:
             "HF_HUB_DISABLE_TELEMETRY": "1",  # no /api/agent-harnesses lookup
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
             "HF_HUB_DISABLE_UPDATE_CHECK": "1",
-            "HF_HUB_ETAG_TIMEOUT": "10",
+            # Generous timeouts: a loaded CI box must not turn a slow local answer into a "connection error"
+            # (which the client silently converts into a cache fallback).
+            "HF_HUB_ETAG_TIMEOUT": "30",
+            "HF_HUB_DOWNLOAD_TIMEOUT": "30",
+            # Explicit either way: a parent that exported HF_HUB_OFFLINE=1 (ditq's conftest does) must not
+            # leak it into an "online" child ("0" also wins over TRANSFORMERS_OFFLINE).
+            "HF_HUB_OFFLINE": "1" if offline else "0",
         }
         if hf_home is not None:
             env["HF_HOME"] = os.fspath(hf_home)
-        if offline:
-            env["HF_HUB_OFFLINE"] = "1"
         if token is not None:
             env["HF_TOKEN"] = token
         return env
@@ -1313,15 +1340,17 @@ def hub_server(
 
 @contextlib.contextmanager
 def patch_hf_hub_endpoint(
-    url: str, *, hf_home: str | os.PathLike[str] | None = None, disable_xet: bool = True
+    url: str, *, hf_home: str | os.PathLike[str] | None = None, disable_xet: bool = True, offline: bool = False
 ) -> Iterator[None]:
     """Point this process's huggingface_hub (and diffusers/transformers) at ``url``; undo on exit.
 
     Needed because HF_ENDPOINT is frozen into several module attributes at import time (see module
     docstring) and an ephemeral port is only known once the server runs.  ``hf_home``, if given, also
     moves the client's cache, token and registry files there, so in-process calls neither read nor
-    pollute the user's real ``~/.cache/huggingface``.  The matching variables are set in ``os.environ``
-    as well, for libraries imported inside the block and for subprocesses started from it.
+    pollute the user's real ``~/.cache/huggingface``.  Offline mode is forced to ``offline`` (default
+    off): a conftest that sets ``HF_HUB_OFFLINE=1`` for the rest of the suite would otherwise turn every
+    call into ``OfflineModeIsEnabled``.  The matching variables are set in ``os.environ`` as well, for
+    libraries imported inside the block and for subprocesses started from it.
     """
     # Import first, with the caller's environment: patching then restoring attributes is exact, whereas
     # a first import inside the block would freeze the test values into the constants for good.
@@ -1335,7 +1364,7 @@ def patch_hf_hub_endpoint(
         saved.append((obj, name, getattr(obj, name)))
         setattr(obj, name, value)
 
-    env = {"HF_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {"HF_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1" if offline else "0"}
     if disable_xet:
         env["HF_HUB_DISABLE_XET"] = "1"
     if hf_home is not None:
@@ -1348,6 +1377,8 @@ def patch_hf_hub_endpoint(
         patch(constants, "HF_URL_HOSTS", constants.HF_URL_HOSTS | {urlsplit(url).hostname})
         # No /api/agent-harnesses lookup (it would be cached in HF_HOME for 24 h).
         patch(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        # is_offline_mode() (used by huggingface_hub and transformers) reads this on every call.
+        patch(constants, "HF_HUB_OFFLINE", offline)
         if disable_xet:
             patch(constants, "HF_HUB_DISABLE_XET", True)  # is_xet_available() reads it on every call
         # Hosts allowed to receive the token and whose redirects HEAD follows.
@@ -1376,9 +1407,14 @@ def patch_hf_hub_endpoint(
             # patched value, and put the original back on exit.
             patch(hub_module, "_hf_api", None)
         for name, module in list(sys.modules.items()):
-            # diffusers copies HF_ENDPOINT into HUGGINGFACE_CO_RESOLVE_ENDPOINT (error messages only).
-            if name.startswith("diffusers") and module is not None and hasattr(module, "HUGGINGFACE_CO_RESOLVE_ENDPOINT"):
+            if not name.startswith("diffusers") or module is None:
+                continue
+            # diffusers copies HF_ENDPOINT into HUGGINGFACE_CO_RESOLVE_ENDPOINT (error messages only) and
+            # HF_HUB_OFFLINE into a few modules (user agent, LoRA and kernel loading) at import time.
+            if hasattr(module, "HUGGINGFACE_CO_RESOLVE_ENDPOINT"):
                 patch(module, "HUGGINGFACE_CO_RESOLVE_ENDPOINT", url)
+            if isinstance(getattr(module, "HF_HUB_OFFLINE", None), bool):
+                patch(module, "HF_HUB_OFFLINE", offline)
         yield
     finally:
         for obj, name, value in reversed(saved):
