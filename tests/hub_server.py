@@ -211,7 +211,6 @@ _API_ACTIONS = {
     "revision", "tree", "paths-info", "preupload", "commit", "refs", "commits", "branch",
     "xet-write-token", "xet-read-token",
 }
-_SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 _SHA_PREFIX_RE = re.compile(r"^[0-9a-f]{7,40}$")
 _LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n"
 
@@ -354,8 +353,12 @@ def _json_response(data: Any, status: int = 200, headers: dict[str, str] | None 
 
 
 class _HubState:
-    """All repos plus the content-addressed blob store.  Every public method takes the lock, since the
-    HTTP server handles requests concurrently (the client uploads/downloads with thread pools)."""
+    """All repos plus the content-addressed blob store.
+
+    Requests are served concurrently (the client uploads and downloads with thread pools), so routes
+    hold ``lock`` while they read or change repos.  Blob writes need no lock: they are atomic renames
+    of content-addressed files.
+    """
 
     def __init__(self, root: Path, *, lfs_threshold: int, namespace: str, require_auth_for_writes: bool):
         self.root = root
@@ -407,9 +410,9 @@ class _HubState:
 
     def entry_for(self, data: bytes, lfs: bool) -> _Entry:
         sha256 = self.put_bytes(data)
-        return self._entry(sha256, len(data), lfs, data)
+        return self.entry_for_blob(sha256, len(data), lfs, data)
 
-    def _entry(self, sha256: str, size: int, lfs: bool, data: bytes | None = None) -> _Entry:
+    def entry_for_blob(self, sha256: str, size: int, lfs: bool, data: bytes | None = None) -> _Entry:
         if lfs:
             git_oid = _git_blob_oid(_LFS_POINTER.format(oid=sha256, size=size).encode())
         else:
@@ -637,7 +640,8 @@ class _Routes:
                 for depth in range(1, len(parts) + 1):
                     folders.setdefault(base + "/".join(parts[:depth]), []).append(entry.git_oid)
         if prefix and not files and not folders:
-            raise HubError(404, f"Entry not found: {prefix}", code="EntryNotFound", headers={"X-Repo-Commit": commit.oid})
+            headers = {"X-Repo-Commit": commit.oid}
+            raise HubError(404, f"Entry not found: {prefix}", code="EntryNotFound", headers=headers)
         items = files + [
             {"type": "directory", "oid": hashlib.sha1("".join(sorted(oids)).encode()).hexdigest(), "size": 0, "path": p}
             for p, oids in folders.items()
@@ -719,21 +723,6 @@ class _Routes:
 
     # ---- uploads ------------------------------------------------------------------------------
 
-    def _target_branch(self, repo: _Repo, revision: str | None, create_pr: bool) -> tuple[str, _Commit]:
-        revision = revision or "main"
-        if revision.startswith("refs/heads/"):
-            revision = revision[len("refs/heads/"):]
-        if revision not in repo.refs:
-            # Commits go to branches only; an unknown branch (or a bare sha) is a RevisionNotFound, as on the Hub.
-            raise HubError(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
-        head = repo.commits[repo.refs[revision]]
-        if create_pr:
-            repo.pr_count += 1
-            branch = f"refs/pr/{repo.pr_count}"
-            repo.refs[branch] = head.oid
-            return branch, head
-        return revision, head
-
     def preupload(self, req: _Request, repo_type: str, repo_id: str, revision: str | None) -> _Response:
         self.state.check_write(req)
         repo = self.state.get_repo(repo_type, repo_id, req)
@@ -763,14 +752,18 @@ class _Routes:
         self.state.check_write(req)
         repo = self.state.get_repo(repo_type, repo_id, req)
         create_pr = req.param("create_pr") in ("1", "true", "True")
-        lines = [json.loads(line) for line in req.read_body().splitlines() if line.strip()]
+        try:
+            lines = [json.loads(line) for line in req.read_body().splitlines() if line.strip()]
+        except ValueError as exc:
+            raise HubError(400, f"Commit payload is not valid NDJSON: {exc}") from None
         header = next((item["value"] for item in lines if item.get("key") == "header"), {})
         parent_commit = header.get("parentCommit")
         # Validate everything before touching refs, so a bad request leaves the repo untouched.
-        branch_name = (revision or "main").removeprefix("refs/heads/")
-        if branch_name not in repo.refs:
-            raise HubError(404, f"Invalid rev id: {branch_name}", code="RevisionNotFound")
-        head = repo.commits[repo.refs[branch_name]]
+        branch = (revision or "main").removeprefix("refs/heads/")
+        if branch not in repo.refs:
+            # Commits go to branches only: an unknown branch (or a bare sha) is a RevisionNotFound, as on the Hub.
+            raise HubError(404, f"Invalid rev id: {branch}", code="RevisionNotFound")
+        head = repo.commits[repo.refs[branch]]
         if parent_commit is not None and parent_commit != head.oid:
             raise HubError(412, "A commit has happened since. Please refresh and try again.")
         files = dict(head.files)
@@ -792,7 +785,7 @@ class _Routes:
                         f"Your push was rejected because an LFS pointer pointed to a file that does not exist: {path}"
                         f" (sha256 {oid}). Upload it through the LFS batch API first.",
                     )
-                files[path] = self.state._entry(oid, self.state.blob_path(oid).stat().st_size, lfs=True)
+                files[path] = self.state.entry_for_blob(oid, self.state.blob_path(oid).stat().st_size, lfs=True)
             elif key == "deletedFile":
                 if path not in files:
                     raise HubError(404, f"A file with this name doesn't exist: {path}", code="EntryNotFound")
@@ -805,8 +798,12 @@ class _Routes:
                     del files[p]
             else:
                 raise HubError(400, f"Unknown commit operation {key!r}")
-        branch, _ = self._target_branch(repo, branch_name, create_pr)
-        commit = self.state.new_commit(repo, branch, files, header.get("summary") or "", header.get("description") or "")
+        if create_pr:  # the commit lands on a new refs/pr/N branch forked from the target's head
+            repo.pr_count += 1
+            branch = f"refs/pr/{repo.pr_count}"
+            repo.refs[branch] = head.oid
+        title, description = header.get("summary") or "", header.get("description") or ""
+        commit = self.state.new_commit(repo, branch, files, title, description)
         data: dict[str, Any] = {
             "success": True,
             "commitOid": commit.oid,
@@ -864,7 +861,9 @@ class _Routes:
 
     # ---- downloads ----------------------------------------------------------------------------
 
-    def resolve_file(self, req: _Request, type_prefix: str | None, raw_repo: str, raw_rev: str, raw_path: str) -> _Response:
+    def resolve_file(
+        self, req: _Request, type_prefix: str | None, raw_repo: str, raw_rev: str, raw_path: str
+    ) -> _Response:
         repo_type = _REPO_TYPES[type_prefix] if type_prefix else "model"
         repo_id, revision, path = unquote(raw_repo), unquote(raw_rev), unquote(raw_path)
         with self.state.lock:
@@ -916,7 +915,8 @@ def _file_response(req: _Request, path: Path, headers: dict[str, str]) -> _Respo
         else:  # suffix range: last N bytes
             start, end = max(size - int(match.group(2)), 0), size - 1
         if start >= size or start > end:
-            return _Response(status=416, headers={**headers, "Content-Range": f"bytes */{size}"}, content_type="text/plain")
+            headers["Content-Range"] = f"bytes */{size}"
+            return _Response(status=416, headers=headers, content_type="text/plain")
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         return _Response(
             status=206, headers=headers, file=path, file_range=(start, end), content_type="application/octet-stream"
@@ -1104,6 +1104,8 @@ def _error_response(exc: HubError) -> _Response:
 # Public server object
 # --------------------------------------------------------------------------------------------------
 
+# "[datasets/|spaces/]namespace/name" (or a legacy one-segment model id) at the start of git-style URLs.
+_REPO_PREFIX = r"^/(?:(?P<type_prefix>datasets|spaces)/)?(?P<raw_repo>[^/]+(?:/[^/]+)?)"
 _HUB_ROUTES: list[tuple[frozenset[str], re.Pattern[str], str]] = [
     (frozenset({"POST"}), re.compile(r"^/api/repos/create$"), "create_repo"),
     (frozenset({"DELETE"}), re.compile(r"^/api/repos/delete$"), "delete_repo"),
@@ -1115,16 +1117,10 @@ _HUB_ROUTES: list[tuple[frozenset[str], re.Pattern[str], str]] = [
         re.compile(r"^/api/(?P<type_plural>models|datasets|spaces)/(?P<rest>.+)$"),
         "api_repo",
     ),
-    (
-        frozenset({"POST"}),
-        re.compile(r"^/(?:(?P<type_prefix>datasets|spaces)/)?(?P<raw_repo>[^/]+(?:/[^/]+)?)\.git/info/lfs/objects/(?P<op>batch|verify)$"),
-        "lfs",
-    ),
+    (frozenset({"POST"}), re.compile(_REPO_PREFIX + r"\.git/info/lfs/objects/(?P<op>batch|verify)$"), "lfs"),
     (
         frozenset({"GET", "HEAD"}),
-        re.compile(
-            r"^/(?:(?P<type_prefix>datasets|spaces)/)?(?P<raw_repo>[^/]+(?:/[^/]+)?)/resolve/(?P<raw_rev>[^/]+)/(?P<raw_path>.+)$"
-        ),
+        re.compile(_REPO_PREFIX + r"/resolve/(?P<raw_rev>[^/]+)/(?P<raw_path>.+)$"),
         "resolve_file",
     ),
 ]
