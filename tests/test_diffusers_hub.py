@@ -29,11 +29,8 @@ def _hub_server_module():
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    from huggingface_hub import constants
-
-    root = tmp_path_factory.mktemp("hub")
-    with pytest.MonkeyPatch.context() as mp, _hub_server_module().hub_server(root, patch_client=True) as server:
-        mp.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets HF_HUB_OFFLINE=1 for everything else
+    # patch_client points this process's client at the server and turns conftest's offline mode off
+    with _hub_server_module().hub_server(tmp_path_factory.mktemp("hub"), patch_client=True) as server:
         yield server
     assert not server.unhandled, server.unhandled
 
