@@ -89,16 +89,21 @@ class QuantizedPipelineMixin:
         source = str(pretrained_model_name_or_path)
         hub = {k: kwargs.get(k) for k in _HUB_KEYS}
         index = _read_json(source, "model_index.json", **hub)
-        if index is not None:
-            target = cls._variant(index.get("_class_name"), source)
-            pipe = DiffusionPipeline.from_pretrained.__func__(target, source, **kwargs)
-        else:
-            pointer = _read_json(source, POINTER_NAME, **hub)
-            if pointer is None:
-                raise FileNotFoundError(f"{source}: neither model_index.json nor {POINTER_NAME} found"
-                                        + (" in the local cache (offline)" if hub["local_files_only"] else ""))
-            target = cls._variant(pointer.get("pipeline_class"), source)
-            pipe = target._from_pointer(source, pointer, kwargs)
+        pointer = None if index is not None else _read_json(source, POINTER_NAME, **hub)
+        if index is None and pointer is None:
+            raise FileNotFoundError(f"{source}: neither model_index.json nor {POINTER_NAME} found"
+                                    + (" in the local cache (offline)" if hub["local_files_only"] else ""))
+        try:
+            if index is not None:
+                target = cls._variant(index.get("_class_name"), source)
+                pipe = DiffusionPipeline.from_pretrained.__func__(target, source, **kwargs)
+            else:
+                target = cls._variant(pointer.get("pipeline_class"), source)
+                pipe = target._from_pointer(source, pointer, kwargs)
+        except OSError as e:  # diffusers names neither the component nor, for a folder, the subfolder
+            raise OSError(f"{source}: {e} A ditq repo holds transformer/config.json and "
+                          "transformer/diffusion_pytorch_model.safetensors (or sharded with its .index.json), "
+                          f"plus model_index.json and the other components, or {POINTER_NAME}.") from e
         if quantization_config is not None:
             pipe.quantize(quantization_config, calibration_prompts, fidelity_prompts=fidelity_prompts,
                           base_model=base_model or (source if _REPO_ID.fullmatch(source) and
@@ -239,11 +244,13 @@ class QuantizedPipelineMixin:
         return None
 
     def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
-                    token: str | None = None, create_pr: bool = False, *, transformer_only: bool = False,
-                    base_model: str | None = None, variant: str | None = None, **kwargs):
+                    token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: str | None = None, *, transformer_only: bool = False, base_model: str | None = None,
+                    **kwargs):
         """Save to a temporary folder (model card included) and upload it as one commit."""
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, variant=variant, transformer_only=transformer_only, base_model=base_model)
+            self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant,
+                                 transformer_only=transformer_only, base_model=base_model)
             return self._upload(Path(tmp), repo_id, commit_message=commit_message, private=private, token=token,
                                 create_pr=create_pr, **kwargs)
 

@@ -113,7 +113,7 @@ def _corrupt(folder: Path, case: str) -> str:
     weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
     if case == "missing file":
         weights.unlink()
-        return "diffusion_pytorch_model"
+        return r"diffusion_pytorch_model.*A ditq repo holds"  # diffusers names the file, ditq the layout
     if case == "unknown format version":
         cfg_path = folder / "transformer" / "config.json"
         cfg = json.loads(cfg_path.read_text())
