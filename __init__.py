@@ -27,9 +27,17 @@ _LAZY = {
     "CheckpointError": "quant_core.serialization",
     "QuantLinear": "quant_core.layers",
     "NonFiniteError": "quant_core.quantizers",
+    "QuantizedPixArtPipeline": "pipelines.pipeline",
+    "QuantizedDiTPipeline": "pipelines.pipeline",
 }
 
 __all__ = sorted(_LAZY)
+
+# diffusers finds the "ditq" quantizer backend once diffusers is imported (pipelines/registration.py):
+# this installs a one-shot import hook and imports nothing heavy. (pytest may import this file as a
+# plain module, without a package, while collecting tests: then there is nothing to register.)
+if __package__:
+    importlib.import_module(".pipelines.registration", __name__).install()
 
 
 async def comfy_entrypoint():

@@ -1,0 +1,298 @@
+"""Quantized diffusers pipelines: load from the Hub, quantize on load, save and share.
+
+>>> qpipe = QuantizedPixArtPipeline.from_pretrained("PixArt-alpha/PixArt-XL-2-512x512",
+...     quantization_config="vidit-q-w8a8", calibration_prompts=prompts)      # quantize on load
+>>> qpipe.push_to_hub("me/pixart-w8a8")                                      # with a model card
+>>> qpipe = QuantizedPixArtPipeline.from_pretrained("me/pixart-w8a8", torch_dtype=torch.float16)
+
+A quantized pipeline is an instance of a stock pipeline class (``PixArtAlphaPipeline``,
+``PixArtSigmaPipeline``, ``DiTPipeline``) extended by :class:`QuantizedPipelineMixin`; its transformer
+stays a stock diffusers model whose Linears are ditq layers, loaded through the registered "ditq"
+quantizer backend (quantizer.py). Saved repos are stock diffusers repos: model_index.json names the
+stock pipeline class, so ``DiffusionPipeline.from_pretrained`` also loads them after ``import ditq``.
+
+Two repo layouts: a full pipeline, or (``transformer_only=True``) just ``transformer/`` plus
+``ditq_base_model.json``, a pointer to the full-precision repo that supplies the text encoder, VAE,
+tokenizer and scheduler; ``from_pretrained`` resolves the pointer.
+"""
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from diffusers import DiffusionPipeline, DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline
+
+from ..quant_core.serialization import CheckpointError, atomic_write_text
+from . import model_card
+from .quantizer import DitqConfig, attach_quantizer, is_ditq_model, register
+
+POINTER_NAME = "ditq_base_model.json"
+POINTER_VERSION = 1
+_HUB_KEYS = ("revision", "cache_dir", "local_files_only", "token")
+_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _read_json(source: str, filename: str, **hub) -> dict | None:
+    """``filename`` from a local folder or a Hub repo (cache-aware); None if the repo lacks it."""
+    folder = Path(source)
+    if folder.is_dir():
+        path = folder / filename
+        if not path.is_file():
+            return None
+    elif not _REPO_ID.fullmatch(source):
+        raise FileNotFoundError(f"{source}: no such folder, and not a Hub repo id (org/name)")
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:  # offline, "not cached" is LocalEntryNotFoundError, a subclass
+            path = Path(hf_hub_download(source, filename, **{k: v for k, v in hub.items() if v is not None}))
+        except EntryNotFoundError:
+            return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{source}: {filename} is not valid JSON ({e})") from None
+
+
+def _images(output) -> torch.Tensor:
+    return torch.from_numpy(output.images).permute(0, 3, 1, 2).float()
+
+
+class QuantizedPipelineMixin:
+    """``from_pretrained`` / ``quantize`` / ``save_pretrained`` / ``push_to_hub`` for a diffusers
+    pipeline whose transformer ditq quantizes. A family class (``QuantizedPixArtPipeline``) maps the
+    stock class named in a repo to its quantized twin in ``_variants``."""
+
+    _variants: dict[str, type] = {}
+    pipeline_tag = "text-to-image"
+    card_tags: tuple[str, ...] = ()
+    transformer_class = "PixArtTransformer2DModel"
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, quantization_config=None,
+                        calibration_prompts: Sequence | None = None, calibration_kwargs: dict | None = None,
+                        fidelity_prompts: int = 2, base_model: str | None = None, **kwargs):
+        """Load a ditq-quantized pipeline (repo id or folder), or with ``quantization_config=`` (a
+        ``QuantConfig`` or preset name) load a full-precision one, calibrate on
+        ``calibration_prompts`` (class labels for DiT) and quantize it. ``calibration_kwargs`` go to
+        the pipeline calls (``num_inference_steps``, ``guidance_scale``, ...); the first
+        ``fidelity_prompts`` prompts also measure PSNR/SSIM against full precision for the model
+        card. Other keyword arguments are diffusers' (``torch_dtype``, ``revision``, ``cache_dir``,
+        ``local_files_only``, ``variant``, ``token``, ...)."""
+        register()
+        source = str(pretrained_model_name_or_path)
+        hub = {k: kwargs.get(k) for k in _HUB_KEYS}
+        index = _read_json(source, "model_index.json", **hub)
+        pointer = None if index is not None else _read_json(source, POINTER_NAME, **hub)
+        if index is None and pointer is None:
+            raise FileNotFoundError(f"{source}: neither model_index.json nor {POINTER_NAME} found"
+                                    + (" in the local cache (offline)" if hub["local_files_only"] else ""))
+        try:
+            if index is not None:
+                target = cls._variant(index.get("_class_name"), source)
+                pipe = DiffusionPipeline.from_pretrained.__func__(target, source, **kwargs)
+            else:
+                target = cls._variant(pointer.get("pipeline_class"), source)
+                pipe = target._from_pointer(source, pointer, kwargs)
+        except OSError as e:  # diffusers names neither the component nor, for a folder, the subfolder
+            raise OSError(f"{source}: {e} A ditq repo holds transformer/config.json and "
+                          "transformer/diffusion_pytorch_model.safetensors (or sharded with its .index.json), "
+                          f"plus model_index.json and the other components, or {POINTER_NAME}.") from e
+        if quantization_config is not None:
+            pipe.quantize(quantization_config, calibration_prompts, fidelity_prompts=fidelity_prompts,
+                          base_model=base_model or (source if _REPO_ID.fullmatch(source) and
+                                                    not Path(source).exists() else None),
+                          base_revision=kwargs.get("revision"), **(calibration_kwargs or {}))
+        elif not is_ditq_model(pipe.transformer):
+            raise ValueError(f"{source}: the transformer is not ditq-quantized; to quantize it now pass "
+                             "quantization_config=QuantConfig.preset(...) and calibration_prompts=[...]")
+        return pipe
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """The quantized twin of an in-memory stock pipeline, sharing its components (then call
+        ``.quantize``)."""
+        stock = next(c for c in type(pipeline).__mro__ if c.__module__.startswith("diffusers."))
+        return DiffusionPipeline.from_pipe.__func__(cls._variant(stock.__name__, type(pipeline).__name__),
+                                                    pipeline, **kwargs)
+
+    @classmethod
+    def _variant(cls, stock_name: str | None, source: str) -> type:
+        if stock_name not in cls._variants:
+            raise ValueError(f"{source} holds a {stock_name!r} pipeline; {cls.__name__} loads "
+                             f"{', '.join(sorted(cls._variants))}")
+        return cls._variants[stock_name]
+
+    @classmethod
+    def _from_pointer(cls, source: str, pointer: dict, kwargs: dict):
+        """A transformer-only repo: the quantized transformer from ``source``, the rest from the
+        full-precision repo it points to."""
+        version = pointer.get("format_version")
+        if version != POINTER_VERSION or not isinstance(pointer.get("base_model"), str):
+            raise CheckpointError(f"{source}: {POINTER_NAME} has format_version {version!r} and base_model "
+                                  f"{pointer.get('base_model')!r}; this ditq reads version {POINTER_VERSION} "
+                                  "with a base_model repo id (upgrade ditq?)")
+        import diffusers
+
+        model_kwargs = {k: kwargs[k] for k in ("torch_dtype", "dtype", *_HUB_KEYS) if k in kwargs}
+        transformer = getattr(diffusers, cls.transformer_class).from_pretrained(
+            source, subfolder=pointer.get("transformer", "transformer"), **model_kwargs)
+        base_kwargs = {**kwargs, "transformer": transformer, "revision": pointer.get("base_revision")}
+        return DiffusionPipeline.from_pretrained.__func__(cls, pointer["base_model"], **base_kwargs)
+
+    # -- quantizing ----------------------------------------------------------------------------
+    def _condition(self, batch: list) -> dict:
+        return {"prompt": batch}
+
+    def _sample(self, prompts: list, seed: int, call_kwargs: dict) -> torch.Tensor:
+        kw = {k: v for k, v in call_kwargs.items() if k != "output_type"}
+        out = [_images(self(**self._condition([p]), generator=torch.Generator("cpu").manual_seed(seed + i),
+                            output_type="np", **kw)) for i, p in enumerate(prompts)]
+        return torch.cat(out)
+
+    def quantize(self, config, prompts: Sequence | None = None, *, fidelity_prompts: int = 2, seed: int = 0,
+                 base_model: str | None = None, base_revision: str | None = None, progress: bool = True,
+                 **call_kwargs):
+        """Calibrate (if the method needs statistics) and quantize the transformer in place; measure
+        fidelity to full precision on the first ``fidelity_prompts`` prompts. Returns the QuantReport."""
+        from ..quant_core.calibration import calibrate
+        from ..quant_core.config import QuantConfig
+        from ..quant_core.methods import get_method
+        from ..quant_core.metrics import psnr, ssim
+        from ..quant_core.quantize import quantize
+
+        if isinstance(config, str):
+            config = QuantConfig.preset(config)
+        elif not isinstance(config, QuantConfig):
+            raise TypeError(f"quantization_config must be a ditq QuantConfig or preset name, got {type(config).__name__}")
+        if is_ditq_model(self.transformer):
+            raise ValueError("the transformer is already quantized; load the full-precision repo to quantize again")
+        prompts = list(prompts or [])
+        needs = get_method(config.method).needs(config)
+        if needs and not prompts:
+            raise ValueError(f"{config.name or config.method} needs calibration statistics {list(needs)}: "
+                             "pass calibration_prompts=[...]")
+        calib = calibrate(self, prompts, seed=seed, needs=needs, progress=progress, **call_kwargs) if needs else None
+        probe = prompts[:fidelity_prompts]
+        reference = self._sample(probe, seed, call_kwargs) if probe else None
+        report = quantize(self.transformer, config, calib, progress=progress)
+        fidelity = None
+        if probe:
+            approx = self._sample(probe, seed, call_kwargs)
+            simple = {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))}
+            fidelity = {"psnr_db": round(psnr(reference, approx), 2), "ssim": round(ssim(reference, approx), 4),
+                        "prompts": [str(p) for p in probe], "seed": seed, "call_kwargs": simple}
+        attach_quantizer(self.transformer, base_model=base_model, base_revision=base_revision, fidelity=fidelity)
+        self.ditq_report = report
+        return report
+
+    # -- saving --------------------------------------------------------------------------------
+    @classmethod
+    def stock_class(cls) -> type:
+        return next(c for c in cls.__mro__ if c.__module__.startswith("diffusers."))
+
+    def to_json_string(self) -> str:
+        """model_index.json names the stock pipeline class, so stock loaders read the repo."""
+        d = json.loads(super().to_json_string())
+        d["_class_name"] = self.stock_class().__name__
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    def ditq_config(self) -> DitqConfig:
+        cfg = getattr(self.transformer.config, "quantization_config", None)
+        if not isinstance(cfg, DitqConfig) or not is_ditq_model(self.transformer):
+            raise ValueError("this pipeline's transformer is not ditq-quantized; call .quantize(...) first")
+        return cfg
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                        max_shard_size=None, push_to_hub: bool = False, *, transformer_only: bool = False,
+                        base_model: str | None = None, **kwargs):
+        """Write a stock diffusers repo plus README.md (model card). ``transformer_only``: write just
+        ``transformer/`` and a pointer to ``base_model`` (default: the repo quantized from).
+        ``push_to_hub=True`` uploads the folder to ``repo_id`` (default: the folder name)."""
+        if not safe_serialization:
+            raise ValueError("ditq saves safetensors only (safe_serialization=False is not supported)")
+        cfg = self.ditq_config().to_dict()
+        base_model = base_model or cfg.get("base_model")
+        folder = Path(save_directory)
+        if transformer_only:
+            if not base_model:
+                raise ValueError("transformer_only=True needs base_model='org/name', the full-precision repo "
+                                 "that supplies the text encoder, VAE and scheduler")
+            if (folder / "model_index.json").exists():
+                raise ValueError(f"{folder} holds a full pipeline (model_index.json); save a transformer-only "
+                                 "repo to an empty folder")
+            self.transformer.save_pretrained(folder / "transformer", variant=variant,
+                                             **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+            pointer = {"format_version": POINTER_VERSION, "base_model": base_model,
+                       "base_revision": cfg.get("base_revision") if base_model == cfg.get("base_model") else None,
+                       "pipeline_class": self.stock_class().__name__, "transformer": "transformer"}
+            atomic_write_text(json.dumps(pointer, indent=2) + "\n", folder / POINTER_NAME)
+        else:
+            super().save_pretrained(folder, variant=variant, max_shard_size=max_shard_size)
+        card = model_card.build(self.transformer, cfg, folder, base_model=base_model, pipeline_tag=self.pipeline_tag,
+                                tags=self.card_tags, pipeline_class=self.stock_class().__name__,
+                                transformer_only=transformer_only)
+        atomic_write_text(str(card), folder / "README.md")
+        if push_to_hub:
+            return self._upload(folder, kwargs.pop("repo_id", folder.name), **kwargs)
+        return None
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: str | None = None, *, transformer_only: bool = False, base_model: str | None = None,
+                    **kwargs):
+        """Save to a temporary folder (model card included) and upload it as one commit."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant,
+                                 transformer_only=transformer_only, base_model=base_model)
+            return self._upload(Path(tmp), repo_id, commit_message=commit_message, private=private, token=token,
+                                create_pr=create_pr, **kwargs)
+
+    @staticmethod
+    def _upload(folder: Path, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                token: str | None = None, create_pr: bool = False, **kwargs):
+        import huggingface_hub as hf
+
+        repo_id = hf.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        return hf.upload_folder(repo_id=repo_id, folder_path=folder, token=token, create_pr=create_pr,
+                                commit_message=commit_message or "Upload ditq-quantized pipeline", **kwargs)
+
+
+class QuantizedPixArtPipeline(QuantizedPipelineMixin):
+    """PixArt-α / PixArt-Σ with a ditq-quantized transformer. ``from_pretrained`` returns a
+    :class:`QuantizedPixArtAlphaPipeline` or :class:`QuantizedPixArtSigmaPipeline`, per the repo."""
+
+    card_tags = ("pixart",)
+
+
+class QuantizedPixArtAlphaPipeline(QuantizedPixArtPipeline, PixArtAlphaPipeline):
+    card_tags = ("pixart", "pixart-alpha")
+
+
+class QuantizedPixArtSigmaPipeline(QuantizedPixArtPipeline, PixArtSigmaPipeline):
+    card_tags = ("pixart", "pixart-sigma")
+
+
+QuantizedPixArtPipeline._variants = {"PixArtAlphaPipeline": QuantizedPixArtAlphaPipeline,
+                                     "PixArtSigmaPipeline": QuantizedPixArtSigmaPipeline}
+
+
+class QuantizedDiTPipeline(QuantizedPipelineMixin, DiTPipeline):
+    """Class-conditional DiT with a ditq-quantized transformer; calibration "prompts" are class ids."""
+
+    # The Hub has no class-conditional task; this is the closest one it lists.
+    pipeline_tag = "unconditional-image-generation"
+    card_tags = ("dit", "class-conditional")
+    transformer_class = "DiTTransformer2DModel"
+
+    def _condition(self, batch: list) -> dict:
+        return {"class_labels": batch}
+
+
+QuantizedDiTPipeline._variants = {"DiTPipeline": QuantizedDiTPipeline}
