@@ -46,6 +46,7 @@ def range_step_counts(timesteps: torch.Tensor, boundaries: Sequence[float]) -> l
 
 
 def timestep_hook(module: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook for a model root: hand this call's timestep to the layers that track it."""
     t = call_timestep(args, kwargs)
     for m in module.modules():
         if getattr(m, "tracks_timestep", False):

@@ -73,7 +73,7 @@ class ViDiTQOptions:
         if unknown:
             raise ValueError(f"vidit-q: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
         opts = cls(**config.options)
-        rot.rotation_block(256, opts.rotation, opts.rotation_block)  # validates both
+        rot.rotation_block(256, opts.rotation, opts.rotation_block)  # validates mode and block size
         if opts.mixed_precision and config.weight_bits >= opts.mp_high_bits:
             raise ValueError(f"vidit-q: mixed precision switches between weight_bits={config.weight_bits} "
                              f"and mp_high_bits={opts.mp_high_bits}; the first must be smaller")
@@ -131,7 +131,7 @@ class _Builder:
 
     def choose_alpha(self, name: str, linear: nn.Linear, scheme: LayerScheme) -> float:
         """The configured alpha, or the sweep candidate with the least output error on the
-        calibration rows (``act_samples``) at the layer's lowest weight bits."""
+        calibration rows (``act_samples``) with the layer quantized as stored (``scheme``)."""
         if not self.opts.alpha_sweep or not self.opts.smooth or not re.search(self.opts.balance, name):
             return self.opts.alpha_for(name)
         x = self.calibration.get(name, "act_samples").to(linear.weight.dtype)
@@ -165,18 +165,19 @@ class ViDiTQ:
             linear = ctx.linear(name)
             scheme = config.scheme_for(name, info.in_features)
             bits = self._layer_bits(plan_cells, info, ranges, scheme.weight_bits)
-            high = dataclasses.replace(scheme, weight_bits=max(bits), weight_symmetric=True) \
+            # a layer that switches bits stores the widest and derives the others (symmetric views)
+            stored = dataclasses.replace(scheme, weight_bits=max(bits), weight_symmetric=True) \
                 if len(set(bits)) > 1 else dataclasses.replace(scheme, weight_bits=bits[0])
-            alphas[name] = alpha = builder.choose_alpha(name, linear, high)
+            alphas[name] = alpha = builder.choose_alpha(name, linear, stored)
             if opts.timestep_aware:
-                variants = [builder.balanced(name, linear, high, alpha, (step_range == r).nonzero().flatten())
+                variants = [builder.balanced(name, linear, stored, alpha, (step_range == r).nonzero().flatten())
                             for r in range(ranges)]
-                layer = TimestepSwitchLinear(variants, boundaries, [(r, b) for r, b in enumerate(bits)])
+                layer = TimestepSwitchLinear(variants, boundaries, list(enumerate(bits)))
             elif len(set(bits)) > 1:
-                layer = TimestepSwitchLinear([builder.balanced(name, linear, high, alpha)], boundaries,
+                layer = TimestepSwitchLinear([builder.balanced(name, linear, stored, alpha)], boundaries,
                                              [(0, b) for b in bits])
             else:
-                layer = builder.balanced(name, linear, high, alpha)
+                layer = builder.balanced(name, linear, stored, alpha)
             switched |= isinstance(layer, TimestepSwitchLinear)
             ctx.replace(name, layer)
         if switched:
