@@ -7,6 +7,7 @@ Integer products accumulate exactly (int32 semantics), then each group is rescal
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -14,27 +15,76 @@ import torch
 from ..quant_core import quantizers as qz
 
 
-def hadamard_matrix(n: int, device=None) -> torch.Tensor:
-    """Sylvester Hadamard matrix of order n (a power of two), float32, unnormalised."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"Hadamard block size must be a power of two, got {n}")
-    h = torch.ones(1, 1, device=device)
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h
 
 
+def _paley2(q: int) -> torch.Tensor:
+    """Paley's second construction, order 2(q+1) for a prime q = 1 mod 4. The Jacobsthal matrix is
+    symmetric for such q, so the result is a *symmetric* Hadamard matrix: normalised, it is its own
+    inverse, like Sylvester's."""
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0] + [1 if a in residues else -1 for a in range(1, q)], dtype=torch.float64)
+    idx = torch.arange(q)
+    c = torch.ones(q + 1, q + 1, dtype=torch.float64)
+    c[0, 0] = 0
+    c[1:, 1:] = chi[(idx[None, :] - idx[:, None]) % q]
+    return (torch.kron(c, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
+            + torch.kron(torch.eye(q + 1, dtype=torch.float64), torch.tensor([[1.0, -1.0], [-1.0, -1.0]],
+                                                                              dtype=torch.float64)))
+
+
+# Orders of the non-power-of-two symmetric Hadamard factors we build (Paley II, prime q = 1 mod 4):
+# 12 * 2^k covers 768, 1536, 3072; 36 * 2^k covers 1152 (PixArt/DiT-XL hidden) and 4608 (their MLP).
+PALEY_ORDERS = {12: 5, 28: 13, 36: 17, 60: 29, 76: 37, 84: 41, 108: 53, 124: 61}
+
+
+def hadamard_factors(n: int) -> tuple[int, int]:
+    """``n = m * p`` with ``p`` a power of two and ``m`` 1 or a Paley order; the Hadamard matrix of
+    order n is ``H_m (x) H_p`` (Kronecker)."""
+    for m in (1, *sorted(PALEY_ORDERS)):
+        p = n // m
+        if n % m == 0 and p >= 1 and not p & (p - 1):
+            return m, p
+    raise ValueError(f"no Hadamard rotation of size {n}: sizes are 2^k or m*2^k with m in "
+                     f"{sorted(PALEY_ORDERS)}; use a block size that is a power of two dividing the width")
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard_cpu(n: int) -> torch.Tensor:
+    m, p = hadamard_factors(n)
+    h = _sylvester(p)
+    return (torch.kron(_paley2(PALEY_ORDERS[m]), h) if m > 1 else h).float()
+
+
+def hadamard_matrix(n: int, device=None) -> torch.Tensor:
+    """Symmetric Hadamard matrix of order n, float32, unnormalised: Sylvester for powers of two,
+    Paley-II (x) Sylvester for ``m * 2^k`` (see hadamard_factors)."""
+    if n < 1:
+        raise ValueError(f"Hadamard size must be positive, got {n}")
+    return _hadamard_cpu(n).to(device)
+
+
 def block_hadamard(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
     """Randomised block-diagonal Hadamard rotation ``(x * signs) @ blockdiag(H_b) / sqrt(b)``.
 
-    Orthogonal, so applying it to both activations and weights leaves ``x @ w.T`` unchanged.
+    Orthogonal and symmetric (so its own inverse), so applying it to both activations and weights
+    leaves ``x @ w.T`` unchanged. ``block`` may be the whole width (a full rotation); a non-power-of-two
+    block ``m * p`` is applied through its Kronecker factors, ``H_m X H_p`` per block, which costs
+    ``m + p`` instead of ``m * p`` multiply-adds per element.
     """
     m, k = x.shape
     if k % block:
         raise ValueError(f"rotation block {block} does not divide width {k}")
-    h = hadamard_matrix(block, x.device).to(torch.float32) / math.sqrt(block)
-    xs = (x.float() * signs.float()).reshape(m, k // block, block)
-    return (xs @ h).reshape(m, k)
+    a, p = hadamard_factors(block)
+    xs = (x.float() * signs.float()).reshape(m * (k // block), a, p)
+    y = xs @ hadamard_matrix(p, x.device)
+    if a > 1:
+        y = hadamard_matrix(a, x.device) @ y
+    return (y / math.sqrt(block)).reshape(m, k)
 
 
 def transform_input(x, smooth=None, rotation_signs=None, rotation_block=None) -> torch.Tensor:

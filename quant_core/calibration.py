@@ -119,6 +119,15 @@ class CalibrationData:
         return cls(stats, tensors["__timesteps__"], json.loads(meta.get("meta", "{}")))
 
 
+def call_timestep(args, kwargs) -> float | None:
+    """The diffusion timestep a transformer forward was called with (diffusers passes ``timestep=``;
+    one value per batch, so the first is taken), or None when the call carries none."""
+    t = kwargs.get("timestep", kwargs.get("timesteps", args[1] if len(args) > 1 else None))
+    if t is None:
+        return None
+    return float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+
+
 class CalibrationRecorder:
     """Context manager that hooks ``layers`` of ``model`` and records ``needs`` statistics.
 
@@ -150,10 +159,9 @@ class CalibrationRecorder:
 
     def _before_model(self, module, args, kwargs):
         self.step += 1
-        t = kwargs.get("timestep", kwargs.get("timesteps", args[1] if len(args) > 1 else None))
         if self.step >= len(self.timesteps):
-            value = float(t.flatten()[0]) if torch.is_tensor(t) else float(t) if t is not None else float(self.step)
-            self.timesteps.append(value)
+            t = call_timestep(args, kwargs)
+            self.timesteps.append(float(self.step) if t is None else t)
 
     def _after_model(self, module, args, output):
         if self.on_step is not None:

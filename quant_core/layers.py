@@ -49,6 +49,11 @@ class QuantModule(nn.Module):
     def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype = torch.float32) -> "QuantModule":
         raise NotImplementedError
 
+    @classmethod
+    def attach(cls, model: nn.Module) -> None:
+        """Called once per layer type present after a model is rebuilt from a file, for layer types
+        that need model-level hooks (e.g. the current timestep); the default needs none."""
+
     def effective_weight(self) -> torch.Tensor:
         """The float32 ``[N, K]`` weight this layer computes with, in the original input basis
         (for reports and tests; the forward never materialises it on integer paths)."""
@@ -187,13 +192,35 @@ class QuantLinear(QuantModule):
                    rotation_block=spec.get("rotation_block"), dtype=dtype, device="meta")
 
     # -- use ---------------------------------------------------------------------------------
-    def effective_weight(self) -> torch.Tensor:
+    def weight_view(self, bits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The stored weight, or a lower-bit view of it: ``(packed or int8 weight, scale, bits)``.
+
+        A ``bits`` view of a symmetric integer weight re-rounds the stored integers onto the coarser
+        grid, ``q_b = round(q * qmax_b / qmax)`` with ``scale_b = scale * qmax / qmax_b`` (the RTN
+        scale of b bits), and is returned as int8 so the 8-bit GEMM runs it. Used for per-timestep
+        weight bit switching (ViDiT-Q-MP) without storing a second copy.
+        """
+        s = self.scheme
+        if bits is None or bits == s.weight_bits:
+            return self.weight, self.weight_scale, s.weight_bits
+        if s.weight_format != "int" or not s.weight_symmetric or bits > s.weight_bits:
+            raise ValueError(f"layer {self.layer_name or '<unnamed>'}: a {bits}-bit view needs a symmetric "
+                             f"integer weight of more bits; this one is {s.name}")
         from ..kernels import reference
 
-        w = reference.dequant_weight(self.weight, self.weight_scale, self.weight_zero_point,
-                                     bits=self.scheme.weight_bits, weight_format=self.scheme.weight_format,
+        qmax, qmax_b = qz.int_range(s.weight_bits, True)[1], qz.int_range(bits, True)[1]
+        q = reference.unpack_weight(self.weight, s.weight_bits, self.in_features).float()
+        q_b = torch.round(q * (qmax_b / qmax)).clamp(-qmax_b, qmax_b).to(torch.int8)
+        return q_b, self.weight_scale * (qmax / qmax_b), 8
+
+    def effective_weight(self, bits: int | None = None) -> torch.Tensor:
+        from ..kernels import reference
+
+        weight, scale, stored_bits = self.weight_view(bits)
+        w = reference.dequant_weight(weight, scale, self.weight_zero_point,
+                                     bits=stored_bits, weight_format=self.scheme.weight_format,
                                      in_features=self.in_features, dtype=torch.float32)
-        if self.rotation_signs is not None:  # the normalised Sylvester matrix is its own inverse
+        if self.rotation_signs is not None:  # the normalised Hadamard matrices are symmetric: their own inverse
             w = reference.block_hadamard(w, torch.ones_like(self.rotation_signs), self.rotation_block)
             w = w * self.rotation_signs.float()
         if self.smooth_scale is not None:
@@ -227,13 +254,15 @@ class QuantLinear(QuantModule):
     def format_name(self) -> str:
         return self.scheme.name
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight_bits: int | None = None) -> torch.Tensor:
+        """``weight_bits`` below the stored width runs a :meth:`weight_view` of the weight."""
         s = self.scheme
+        weight, weight_scale, bits = self.weight_view(weight_bits)
         x2 = x.reshape(-1, self.in_features)
         try:
             y = kernels.quant_linear(
-                x2, weight=self.weight, weight_scale=self.weight_scale, weight_zero=self.weight_zero_point,
-                bias=self.bias, bits=s.weight_bits, weight_format=s.weight_format, in_features=self.in_features,
+                x2, weight=weight, weight_scale=weight_scale, weight_zero=self.weight_zero_point,
+                bias=self.bias, bits=bits, weight_format=s.weight_format, in_features=self.in_features,
                 act_mode=s.act_mode, act_bits=s.act_bits, group_size=s.group_size, input_scale=self.input_scale,
                 smooth=self.smooth_scale, rotation_signs=self.rotation_signs, rotation_block=self.rotation_block)
         except qz.NonFiniteError as e:

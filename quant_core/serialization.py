@@ -69,6 +69,10 @@ def atomic_write_text(text: str, path) -> None:
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
+def atomic_write_bytes(data: bytes, path) -> None:
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
 def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
@@ -86,7 +90,12 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 # -- describing a quantized model --------------------------------------------------------------
 def quantized_layers(model: nn.Module) -> dict[str, QuantModule]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantModule)}
+    """Outermost quantized layers (a layer type may hold quantized sub-layers; its spec covers them)."""
+    found: dict[str, QuantModule] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, QuantModule) and not any(n.startswith(f"{p}.") for p in found):
+            found[n] = m
+    return found
 
 
 def _ct_args(scheme: dict) -> tuple[dict, dict | None]:
@@ -165,6 +174,9 @@ def save_quantized(model: nn.Module, path, *, model_config: dict[str, Any] | Non
 
 # -- loading ---------------------------------------------------------------------------------
 def check_quantization_config(qcfg: Any, source: str) -> dict[str, Any]:
+    from .methods import load_all
+
+    load_all()  # method modules register the layer types they introduce
     if not isinstance(qcfg, dict):
         raise CheckpointError(f"{source}: no ditq quantization_config found")
     if qcfg.get("quant_method") != "ditq":
@@ -201,6 +213,8 @@ def prepare_quantized_modules(model: nn.Module, qcfg: dict[str, Any], source: st
             raise CheckpointError(f"{source}: layer {name!r} has an invalid spec: {e}") from e
         mod.layer_name = name
         set_submodule(model, name, mod)
+    for layer_type in {spec["layer_type"] for spec in qcfg["layers"].values()}:
+        LAYER_TYPES[layer_type].attach(model)
     model.ditq_state = {"method": qcfg.get("method"), "recipe": qcfg.get("recipe"),
                         "method_state": qcfg.get("method_state", {})}
 
@@ -218,7 +232,8 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, torch.Tensor], sou
         raise CheckpointError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    fixed = {f"{n}.{b}" for n, m in quantized_layers(model).items() for b in m._fixed_dtype}
+    every = {n: m for n, m in model.named_modules() if isinstance(m, QuantModule)}  # nested ones too
+    fixed = {f"{n}.{b}" for n, m in every.items() for b in m._fixed_dtype}
     loaded = {}
     for key, ref in expected.items():
         t = tensors[key]
@@ -233,7 +248,7 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, torch.Tensor], sou
             raise CheckpointError(f"{source}: tensor {key!r} has dtype {t.dtype}, expected a {ref.dtype}-like tensor")
         loaded[key] = t
     model.load_state_dict(loaded, strict=True, assign=True)
-    for name, mod in quantized_layers(model).items():
+    for name, mod in every.items():
         scale = getattr(mod, "weight_scale", None)
         if scale is not None and not torch.isfinite(scale).all():
             raise CheckpointError(f"{source}: layer {name!r} has non-finite weight scales")
