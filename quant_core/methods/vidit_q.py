@@ -55,7 +55,7 @@ class ViDiTQOptions:
     alpha_sweep: list[float] | None = None  # candidates scored per layer on calibration rows
     balance: str = r".*"                    # regex: layers that get smoothing + rotation
     smooth: bool = True
-    rotation: str = "full"                  # full | block | none
+    rotation: str = "block"                 # block (default: fused on the GPU) | full | none
     rotation_block: int = 128               # max block for rotation="block"
     seed: int = 0
     act_floor: float = smoothing.ACT_FLOOR
