@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 import subprocess
+import tempfile
 import sys
 import textwrap
 import time
@@ -70,7 +71,10 @@ def _subprocess_env(server: HubServer, hf_home: Path, **kwargs) -> dict[str, str
 def _run_python(code: str, env: dict[str, str], timeout: float = 120) -> dict:
     """Run `code` in a fresh interpreter; it must print one JSON object on its last stdout line."""
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout
+        # cwd outside the checkout: `python -c` puts the cwd on sys.path, where ditq's kernels/ folder
+        # would shadow the `kernels` package transformers probes for
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=tempfile.gettempdir(),
     )
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
