@@ -15,16 +15,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 
 def evaluate(pipe, transformer, labeller) -> float:
-    original = pipe.transformer
-    pipe.transformer = transformer
-    try:
-        return float(labeller.metric(labeller.reference, labeller.run()))
-    finally:
-        pipe.transformer = original
+    return labeller.quality(labeller.fitness(transformer))
 
 
 def rtn_point(pipe, bits: int, symmetric: bool, labeller, include) -> tuple[float, float]:
@@ -41,6 +35,7 @@ def run(name: str, pipe, args, out: Path) -> dict:
     from ditq import QuantConfig, quantize
     from ditq.quant_core import qua2sedimo_search as qs
     from ditq.quant_core.builtin import PIXART_CALL
+    from ditq.quant_core.fitness import SampleFidelity
     from ditq.quant_core.methods.qua2sedimo import search
 
     cfg = QuantConfig.preset("qua2sedimo-w3.5")
@@ -48,9 +43,9 @@ def run(name: str, pipe, args, out: Path) -> dict:
     start = time.perf_counter()
     result = search(pipe, cfg, workdir=out / name, progress=True)
     search_s = time.perf_counter() - start
-    kwargs = {k: v for k, v in PIXART_CALL.items() if k != "num_inference_steps"}
-    held_out = qs.FidelityLabeller(pipe, ["a bowl of fruit on a table", "a lighthouse in a storm"], steps=8,
-                                   seed=123, call_kwargs=kwargs)
+    fidelity = SampleFidelity(pipe, ["a bowl of fruit on a table", "a lighthouse in a storm"],
+                              dict(PIXART_CALL, num_inference_steps=8), seed=123)
+    held_out = qs.Labeller(pipe, fidelity, {})
 
     q = copy.deepcopy(pipe.transformer)
     report = quantize(q, result.config, progress=False)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch import nn
 
 from . import gnn
 from .qua2sedimo_graph import OP_TYPES, LayerGraph, Subgraph
@@ -93,49 +92,30 @@ def repair_to_bits(bank: OptionBank, assignment: Assignment, target: float, tol:
 
 
 # -- labels --------------------------------------------------------------------------------------------
-def latent_sqnr(reference: torch.Tensor, output: torch.Tensor) -> float:
-    """Fidelity to the FP output in dB: ``-20 log10(||out - ref|| / ||ref||)`` of the final latents."""
-    from .metrics import sqnr
-
-    return sqnr(reference, output)
+def sqnr_db(loss: float) -> float:
+    """Quality of a relative squared error: SQNR in dB (higher is better)."""
+    return -10 * math.log10(max(loss, 1e-30))
 
 
-class FidelityLabeller:
-    """Quality of a configuration = a metric between the FP pipeline's outputs and the quantized
-    pipeline's on fixed prompts (or class labels) and seeds. ``metric(reference, output) -> float``
-    (higher is better); the default is the SQNR of the final latents. Pass a FID function here when
-    its weights are installed (``output_type="pt"`` then gives images)."""
+class Labeller:
+    """Quality of a configuration from a fitness of :mod:`..fitness` (``fitness(transformer) -> loss``,
+    lower is better, measured against the FP pipeline on fixed prompts/labels and seeds):
+    ``SampleFidelity`` (final latents; quality = SQNR dB, the offline default) or ``FIDFitness``
+    (``quality=lambda fid: -fid``) when Inception weights are installed. ``settings`` identifies the
+    measurement in the label store's fingerprint."""
 
-    def __init__(self, pipe, prompts: Sequence, *, steps: int = 4, seed: int = 0, call_kwargs: dict | None = None,
-                 metric: Callable[[torch.Tensor, torch.Tensor], float] = latent_sqnr, output_type: str = "latent"):
-        self.pipe, self.prompts, self.steps, self.seed = pipe, list(prompts), steps, seed
-        self.kwargs, self.metric, self.output_type = dict(call_kwargs or {}), metric, output_type
-        self.reference = self.run()
-
-    def settings(self) -> dict:
-        return {"prompts": [str(p) for p in self.prompts], "steps": self.steps, "seed": self.seed,
-                "metric": getattr(self.metric, "__name__", str(self.metric)), "output_type": self.output_type,
-                "kwargs": {k: str(v) for k, v in sorted(self.kwargs.items())}}
-
-    def run(self) -> torch.Tensor:
-        from .calibration import _takes_prompts
-
-        gen = torch.Generator().manual_seed(self.seed)
-        key = "prompt" if _takes_prompts(self.pipe) else "class_labels"
-        with torch.no_grad():
-            out = self.pipe(**{key: self.prompts}, num_inference_steps=self.steps, generator=gen,
-                            output_type=self.output_type, **self.kwargs).images
-        return torch.as_tensor(out).float()
+    def __init__(self, pipe, fitness, settings: dict, quality: Callable[[float], float] = sqnr_db):
+        self.pipe, self.fitness, self.settings, self.quality = pipe, fitness, settings, quality
 
     def __call__(self, bank: OptionBank, assignment: Assignment) -> float:
+        from .models import set_submodule
+
         model = self.pipe.transformer
         originals = {n: model.get_submodule(n) for n in assignment}
         try:
             bank.install(model, assignment, decoded=bank.act_bits is None)
-            return float(self.metric(self.reference, self.run()))
+            return float(self.quality(self.fitness(model)))
         finally:
-            from .models import set_submodule
-
             for n, m in originals.items():
                 set_submodule(model, n, m)
 
@@ -169,7 +149,7 @@ def fingerprint(bank: OptionBank, settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def label_configs(bank: OptionBank, labeller: FidelityLabeller, store: LabelStore, indices: Sequence[int], *,
+def label_configs(bank: OptionBank, labeller: Callable[[OptionBank, Assignment], float], store: LabelStore, indices: Sequence[int], *,
                   seed: int = 0, progress: bool = True) -> dict[int, dict]:
     """Label random configurations ``indices`` (skipping those in ``store``). Workers can split the
     indices (e.g. ``range(k, n, workers)``) with one store each; :func:`merge_stores` joins them."""

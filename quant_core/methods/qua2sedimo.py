@@ -34,6 +34,7 @@ DEFAULTS = {
     "target_bits": 3.5, "bits": [3, 4], "methods": ["uaq", "kmc", "kma"],
     "num_configs": 80, "holdout": 0.2, "seed": 0,
     "label_prompts": ["a red fox in snow", "a city at night"], "label_steps": 4, "label_seed": 0,
+    "label_metric": "fidelity",
     "folds": 5, "epochs": 300, "hidden": 64, "gnn_layers": 4, "lr": 1e-3, "weight_decay": 1e-6,
     "batch_size": 128, "rank_weight": 1.0, "bits_weight": 0.0, "refine_rounds": 2,
 }
@@ -91,7 +92,7 @@ class SearchResult:
 
 
 def search(pipe, config: QuantConfig, *, workdir: str | Path | None = None, progress: bool = True,
-           call_kwargs: dict | None = None, labeller: qs.FidelityLabeller | None = None) -> SearchResult:
+           call_kwargs: dict | None = None, labeller: qs.Labeller | None = None) -> SearchResult:
     """Run the Qua²SeDiMo search on ``pipe`` (its transformer stays full precision) and return the
     configuration to quantize with. With ``workdir`` the option bank, the labels (resumable), the
     insight plots and table are written there."""
@@ -115,13 +116,8 @@ def search(pipe, config: QuantConfig, *, workdir: str | Path | None = None, prog
 
     start = time.perf_counter()
     if labeller is None:
-        from ..builtin import PIXART_CALL
-
-        kwargs = call_kwargs if call_kwargs is not None else {k: v for k, v in PIXART_CALL.items()
-                                                               if k != "num_inference_steps"}
-        labeller = qs.FidelityLabeller(pipe, s["label_prompts"], steps=s["label_steps"], seed=s["label_seed"],
-                                       call_kwargs=kwargs)
-    fp = qs.fingerprint(bank, {**labeller.settings(), "sample_seed": s["seed"]})
+        labeller = default_labeller(pipe, s, call_kwargs)
+    fp = qs.fingerprint(bank, {**labeller.settings, "sample_seed": s["seed"]})
     store = qs.LabelStore(work / "labels.json" if work else None, fp)
     labels = qs.label_configs(bank, labeller, store, range(s["num_configs"]), seed=s["seed"], progress=progress)
     times["labels"] = time.perf_counter() - start
@@ -143,6 +139,28 @@ def search(pipe, config: QuantConfig, *, workdir: str | Path | None = None, prog
     if work:
         write_insights(result, work)
     return result
+
+
+def default_labeller(pipe, s: dict, call_kwargs: dict | None) -> qs.Labeller:
+    """Fidelity of the final latents to the FP pipeline (SampleFidelity), or FID against the FP
+    samples when ``label_metric="fid"`` and Inception weights are installed (fitness.inception_features)."""
+    from ..builtin import PIXART_CALL
+    from ..fitness import FIDFitness, SampleFidelity, inception_features
+
+    call = dict(call_kwargs if call_kwargs is not None else PIXART_CALL, num_inference_steps=s["label_steps"])
+    conditions, seed = s["label_prompts"], s["label_seed"]
+    settings = {"conditions": [str(c) for c in conditions], "seed": seed, "metric": s["label_metric"],
+                "call": {k: str(v) for k, v in sorted(call.items())}}
+    if s["label_metric"] == "fidelity":
+        return qs.Labeller(pipe, SampleFidelity(pipe, conditions, call, seed=seed), settings)
+    if s["label_metric"] == "fid":
+        features = inception_features()
+        if features is None:
+            raise ValueError("label_metric='fid' needs torch-fidelity and Inception weights "
+                             "($DITQ_INCEPTION_WEIGHTS); use label_metric='fidelity' offline")
+        return qs.Labeller(pipe, FIDFitness(pipe, conditions, call, features, seed=seed), settings,
+                           quality=lambda fid: -fid)
+    raise ValueError(f"qua2sedimo: label_metric must be 'fidelity' or 'fid', got {s['label_metric']!r}")
 
 
 def fit_predictor(graph, bank: OptionBank, labels: dict[int, dict], s: dict, progress: bool):
