@@ -200,7 +200,7 @@ def write_insights(result: SearchResult, folder: str | Path) -> dict[str, Path]:
     """``scores_by_subgraph.png`` (box plot of the score distribution of every block's SA/CA/FFN and the
     embedders), ``scores_by_optype.png``, ``choices_by_optype.png`` (chosen method/bits per op type
     across blocks), ``insights.md`` (table) and ``search.json``."""
-    from ..plots import box_plot, stacked_bars
+    from ..plotting import box_plot, stacked_bars
     from ..serialization import atomic_write_text
 
     folder = Path(folder)
