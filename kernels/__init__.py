@@ -17,7 +17,7 @@ import torch
 
 from .dispatch import backend, op, register_triton
 
-__all__ = ["quant_linear", "op", "backend", "register_triton"]
+__all__ = ["quant_linear", "codebook_linear", "op", "backend", "register_triton"]
 
 
 def quant_linear(
@@ -43,3 +43,17 @@ def quant_linear(
         xq, sx = op("act_quant", dev)(x, act_bits, gs, **rot)
     return op("int_gemm", dev)(xq, sx, weight, weight_scale, weight_zero, bias, bits=bits,
                                in_features=in_features, out_dtype=x.dtype)
+
+
+def codebook_linear(x: torch.Tensor, *, indices, codebook, bias=None, bits: int, in_features: int,
+                    act_mode: str | None = None, act_bits: int | None = None) -> torch.Tensor:
+    """``x [M, K] -> y [M, N]`` for a codebook (k-means / VQ) weight. With ``act_mode`` set the
+    activations are quantized dynamically per token first; the product then runs on the decoded
+    float weight (codebook weights have no integer GEMM)."""
+    dev = x.device
+    if act_mode is not None:
+        if act_mode != "dynamic_token":
+            raise ValueError(f"codebook layers support act_mode 'dynamic_token' or None, got {act_mode!r}")
+        xq, sx = op("act_quant", dev)(x, act_bits, None)
+        x = (xq.float() * sx).to(x.dtype)
+    return op("codebook_linear", dev)(x, indices, codebook, bias, bits=bits, in_features=in_features)

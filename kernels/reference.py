@@ -187,6 +187,31 @@ def vq_linear(x, indices, codebook, bias, *, d, in_features):
     return y.to(x.dtype)
 
 
+def codebook_decode(indices, codebook, *, bits, in_features):
+    """Codebook weights: ``indices`` packed b-bit ``[N, packed_width(K / d, b)]`` (unsigned index
+    ``u`` stored as ``u - 2^(b-1)``, see quantizers.pack_bits), ``codebook`` ``[R, 2^b, d]`` with
+    R == N (one codebook per output channel) or R == 1 (one per layer). Row ``n``, sub-vector ``j``
+    decodes to ``codebook[n or 0, u[n, j]]``; d == 1 is scalar k-means (Qua²SeDiMo), d > 1 is VQ.
+    Returns float32 ``[N, K]``."""
+    rows, d = indices.shape[0], codebook.shape[-1]
+    u = qz.unpack_bits(indices, bits, in_features // d).to(torch.int64) + 2 ** (bits - 1)
+    book = codebook.float()
+    if book.shape[0] == 1:
+        w = book[0][u]  # [N, K/d, d]
+    else:
+        w = torch.gather(book, 1, u.unsqueeze(-1).expand(-1, -1, d))
+    return w.reshape(rows, in_features)
+
+
+def codebook_linear(x, indices, codebook, bias, *, bits, in_features):
+    """Decode the codebook weight, then matmul in float32 (weight-only: memory saving only)."""
+    w = codebook_decode(indices, codebook, bits=bits, in_features=in_features)
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 OPS = {
     "act_quant": act_quant,
     "act_quant_static": act_quant_static,
@@ -195,4 +220,5 @@ OPS = {
     "fp8_gemm": fp8_gemm,
     "weight_only_linear": weight_only_linear,
     "vq_linear": vq_linear,
+    "codebook_linear": codebook_linear,
 }

@@ -278,3 +278,93 @@ class QuantLinear(QuantModule):
         tail = (", " + ", ".join(extras)) if extras else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.scheme.name}, bias={self.bias is not None}{tail}")
+
+
+@register_layer_type("codebook")
+class CodebookLinear(QuantModule):
+    """A Linear whose weight is a codebook plus packed indices (k-means / vector quantization).
+
+    The weight rows are split into sub-vectors of ``dim`` consecutive input channels; each stores a
+    ``bits``-bit index into a codebook of ``2^bits`` entries. ``per_channel`` codebooks
+    (``[N, 2^b, dim]``, Qua²SeDiMo's K-Means-C) or one per layer (``[1, 2^b, dim]``, K-Means-A, VQ).
+    Buffers: ``indices`` uint8 ``[N, packed_width(K / dim, bits)]`` (see quantizers.pack_bits, index
+    ``u`` stored as ``u - 2^(bits-1)``), ``codebook`` float16, ``bias`` in the compute dtype.
+    ``act_bits`` (with ``act_mode="dynamic_token"``) quantizes activations per token before the product.
+    """
+
+    _fixed_dtype = ("indices", "codebook")
+    _weight_buffers = ("indices", "codebook")
+
+    def __init__(self, in_features: int, out_features: int, bits: int, *, dim: int = 1,
+                 per_channel: bool = False, bias: bool = True, act_bits: int | None = None,
+                 act_mode: str | None = None, dtype=torch.float32, device=None):
+        super().__init__()
+        if not 1 <= bits <= 8:
+            raise ValueError(f"CodebookLinear: index bits must be in 1..8, got {bits}")
+        if in_features % dim:
+            raise ValueError(f"CodebookLinear: sub-vector length {dim} does not divide in_features {in_features}")
+        if (act_mode is None) != (act_bits is None) or act_mode not in (None, "dynamic_token"):
+            raise ValueError(f"CodebookLinear: act_mode {act_mode!r} / act_bits {act_bits!r}; expected "
+                             "both None (weight-only) or 'dynamic_token' with act_bits")
+        self.in_features, self.out_features, self.bits, self.dim = in_features, out_features, bits, dim
+        self.per_channel, self.act_bits, self.act_mode = per_channel, act_bits, act_mode
+        width = qz.packed_width(in_features // dim, bits)
+        dt = torch.int8 if bits == 8 else torch.uint8
+        self.register_buffer("indices", torch.empty(out_features, width, dtype=dt, device=device))
+        rows = out_features if per_channel else 1
+        self.register_buffer("codebook", torch.empty(rows, 2**bits, dim, dtype=torch.float16, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_assignment(cls, linear: nn.Linear, indices: torch.Tensor, codebook: torch.Tensor, bits: int, *,
+                        name: str = "", act_bits: int | None = None) -> "CodebookLinear":
+        """Wrap unsigned indices ``[N, K / d]`` (int64, < 2^bits) and a codebook ``[R, 2^bits, d]``."""
+        out_f, in_f = linear.weight.shape
+        rows, entries, dim = codebook.shape
+        if entries != 2**bits or rows not in (1, out_f) or tuple(indices.shape) != (out_f, in_f // dim):
+            raise ValueError(f"layer {name or 'linear'!r}: codebook {tuple(codebook.shape)} / indices "
+                             f"{tuple(indices.shape)} do not fit a {out_f}x{in_f} weight at {bits} bits")
+        mod = cls(in_f, out_f, bits, dim=dim, per_channel=rows > 1, bias=linear.bias is not None,
+                  act_bits=act_bits, act_mode="dynamic_token" if act_bits else None,
+                  dtype=linear.weight.dtype, device=linear.weight.device)
+        mod.layer_name = name
+        mod.indices.copy_(qz.pack_bits((indices - 2 ** (bits - 1)).to(torch.int8), bits))
+        mod.codebook.copy_(codebook)
+        if linear.bias is not None:
+            mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    def spec(self) -> dict[str, Any]:
+        return {"layer_type": self.layer_type, "in_features": self.in_features, "out_features": self.out_features,
+                "bits": self.bits, "dim": self.dim, "per_channel": self.per_channel, "bias": self.bias is not None,
+                "act_bits": self.act_bits, "act_mode": self.act_mode}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype = torch.float32) -> "CodebookLinear":
+        return cls(spec["in_features"], spec["out_features"], spec["bits"], dim=spec["dim"],
+                   per_channel=spec["per_channel"], bias=spec["bias"], act_bits=spec.get("act_bits"),
+                   act_mode=spec.get("act_mode"), dtype=dtype, device="meta")
+
+    def effective_weight(self) -> torch.Tensor:
+        from ..kernels import reference
+
+        return reference.codebook_decode(self.indices, self.codebook, bits=self.bits, in_features=self.in_features)
+
+    def format_name(self) -> str:
+        book = "channel" if self.per_channel else "layer"
+        act = f"a{self.act_bits}-token" if self.act_bits else "a16"
+        return f"codebook{self.bits}-d{self.dim}-{book} / {act}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        try:
+            y = kernels.codebook_linear(x2, indices=self.indices, codebook=self.codebook, bias=self.bias,
+                                        bits=self.bits, in_features=self.in_features, act_mode=self.act_mode,
+                                        act_bits=self.act_bits)
+        except qz.NonFiniteError as e:
+            raise qz.NonFiniteError(f"layer {self.layer_name or '<unnamed>'}: input {e}") from None
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"format={self.format_name()}, bias={self.bias is not None}")
