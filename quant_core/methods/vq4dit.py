@@ -64,7 +64,7 @@ class VQ4DiTOptions:
     harden_at: float = 0.8             # fraction of steps after which all layers are hardened
     freeze_threshold: float = 0.99     # a sub-vector freezes once its top ratio exceeds this
     harden_fraction: float = 0.99      # a layer hardens once this fraction of sub-vectors is frozen
-    lr_ratio: float = 5e-2             # RMSprop learning rate of the ratio logits (code)
+    lr_ratio: float = 5e-3             # RMSprop lr of the ratio logits (code: 5e-2, overshoots here)
     lr_codebook: float = 1e-4          # ... of codebooks and biases (code)
     rmsprop_alpha: float = 0.9
     kmeans_iters: int = 100
