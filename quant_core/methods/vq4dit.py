@@ -384,12 +384,13 @@ class _Calibration:
 
         o = self.opts
         harden_step = int(o.steps * o.harden_at)
-        start, t0, stopped = self.step, time.monotonic(), False
+        start, t0, stopped, by_threshold = self.step, time.monotonic(), False, None
         bar = tqdm(total=o.steps, initial=start, desc="vq4dit calibrate", disable=not self.ctx.progress)
         try:
             with torch.enable_grad():
                 while self.step < o.steps:
                     if self.step >= harden_step:
+                        by_threshold = by_threshold if by_threshold is not None else self._hardened()
                         for m in self.soft.values():
                             if not m.hardened:
                                 m.harden()
@@ -415,7 +416,8 @@ class _Calibration:
             bar.close()
         self._save_state()
         return {"steps_done": self.step, "steps": o.steps, "steps_this_run": self.step - start,
-                "hardened_by_threshold": self._hardened(), "stopped_by_time_budget": stopped,
+                "layers_hardened_by_threshold": self._hardened() if by_threshold is None else by_threshold,
+                "stopped_by_time_budget": stopped,
                 "calibration_s": round(time.monotonic() - t0, 2)}
 
     def _hardened(self) -> int:
