@@ -7,6 +7,7 @@ ComfyUI's sampler, and both produce the same :class:`CalibrationData`.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Callable, Iterable, Sequence
 
