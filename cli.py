@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="quantize a PixArt with every preset; side-by-side PNG and a table")
     d.add_argument("--model", help="diffusers PixArt folder or Hub repo id (default: the built-in tiny PixArt)")
-    d.add_argument("--presets", nargs="+", help="presets to run (default: all)")
+    d.add_argument("--presets", nargs="+", help="presets to run (default: every quick preset)")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--prompt")
     d.add_argument("--seed", type=int, default=0)

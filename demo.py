@@ -32,7 +32,7 @@ def run_demo(model: str | None = None, presets: list[str] | None = None, out: st
     pipe, call = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     prompt = prompt or load_prompts("evaluation")[0]
-    presets = presets or QuantConfig.presets()
+    presets = presets or QuantConfig.presets(quick_only=True)
     rows, images = compare_presets(pipe, call, presets, [prompt], [seed],
                                    load_prompts("calibration")[:calib_prompts], progress=progress)
     out_dir = Path(out)

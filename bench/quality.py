@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    presets = args.presets or (["rtn-w8a8", "rtn-w4a8"] if args.smoke else QuantConfig.presets())
+    presets = args.presets or (["rtn-w8a8", "rtn-w4a8"] if args.smoke else QuantConfig.presets(quick_only=True))
     out = Path(args.out)
     started = time.perf_counter()
     results, sections = {}, []

@@ -7,6 +7,7 @@ ComfyUI's sampler, and both produce the same :class:`CalibrationData`.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Callable, Iterable, Sequence
 
@@ -70,13 +71,79 @@ class RowSample(Statistic):
 
 STATISTICS: dict[str, Callable[[], Statistic]] = {"act_absmax": ChannelAbsMax, "act_samples": RowSample}
 
+# Model-level record: the inputs of every model call (the FP teacher's trajectory), not a per-layer statistic.
+MODEL_INPUTS = "model_inputs"
+
+
+class ModelInputs:
+    """Every call's inputs to the model: ``x_t``, timestep and conditioning, exactly as the sampler
+    passed them (CFG halves included), for methods that replay the full-precision trajectory
+    (VQ4DiT's zero-data calibration feeds the teacher's ``x_t`` to the student at every step).
+
+    A call is a dict of argument name -> tensor name (or ``{"value": v}`` for JSON values; nested dicts
+    such as ``added_cond_kwargs`` keep their structure). A tensor equal to the one the previous call
+    passed under the same name is stored once, so prompt embeddings cost one copy per run, not per step.
+    """
+
+    def __init__(self, signature: inspect.Signature | None = None):
+        self.signature = signature
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.calls: list[dict] = []
+        self._last: dict[str, str] = {}
+
+    def _encode(self, key: str, value):
+        if torch.is_tensor(value):
+            value = value.detach().cpu()
+            last = self._last.get(key)
+            prev = self.tensors.get(last) if last else None
+            if prev is None or prev.shape != value.shape or prev.dtype != value.dtype or not torch.equal(prev, value):
+                last = f"t{len(self.tensors)}"
+                self.tensors[last] = value.clone()
+                self._last[key] = last
+            return {"tensor": last}
+        if isinstance(value, dict):
+            return {"dict": {k: self._encode(f"{key}.{k}", v) for k, v in value.items()}}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return {"value": value}
+        raise TypeError(f"calibration: cannot record model argument {key!r} of type {type(value).__name__}")
+
+    def update(self, args: tuple, kwargs: dict) -> None:
+        named = dict(kwargs)
+        if args:
+            if self.signature is None:
+                raise TypeError("calibration: positional model arguments need the model's signature")
+            named = dict(self.signature.bind_partial(*args, **kwargs).arguments)
+        self.calls.append({k: self._encode(k, v) for k, v in named.items()})
+
+
+def decode_model_call(call: dict, tensors: dict[str, torch.Tensor], device=None) -> dict:
+    """Keyword arguments of one recorded call (see :class:`ModelInputs`), tensors moved to ``device``."""
+    def decode(entry):
+        if "tensor" in entry:
+            return tensors[entry["tensor"]].to(device) if device is not None else tensors[entry["tensor"]]
+        if "dict" in entry:
+            return {k: decode(v) for k, v in entry["dict"].items()}
+        return entry["value"]
+
+    return {k: decode(v) for k, v in call.items()}
+
 
 class CalibrationData:
     """Statistics per layer: ``data.stats[layer][stat_name] -> Tensor``, plus the timestep values
     of each recorded step and free-form metadata."""
 
-    def __init__(self, stats: dict[str, dict[str, torch.Tensor]], timesteps: torch.Tensor, meta: dict):
+    def __init__(self, stats: dict[str, dict[str, torch.Tensor]], timesteps: torch.Tensor, meta: dict,
+                 inputs: ModelInputs | None = None):
         self.stats, self.timesteps, self.meta = stats, timesteps, meta
+        self.inputs = inputs
+
+    def model_calls(self, device=None):
+        """Yield the keyword arguments of every recorded model call (needs ``model_inputs``)."""
+        if self.inputs is None or not self.inputs.calls:
+            raise KeyError(f"calibration has no recorded model inputs; re-run calibrate with needs "
+                           f"including {MODEL_INPUTS!r}")
+        for call in self.inputs.calls:
+            yield decode_model_call(call, self.inputs.tensors, device)
 
     @property
     def layers(self) -> list[str]:
@@ -96,6 +163,9 @@ class CalibrationData:
         tensors = {f"{layer}::{stat}": t.contiguous() for layer, d in self.stats.items() for stat, t in d.items()}
         tensors["__timesteps__"] = self.timesteps.float().contiguous()
         meta = {"ditq_calibration_version": str(FORMAT_VERSION), "meta": json.dumps(self.meta)}
+        if self.inputs is not None:
+            tensors.update({f"{_INPUTS}::{k}": t.contiguous() for k, t in self.inputs.tensors.items()})
+            meta["model_calls"] = json.dumps(self.inputs.calls)
         atomic_save_file(tensors, path, meta)
 
     @classmethod
@@ -109,14 +179,37 @@ class CalibrationData:
         if "__timesteps__" not in tensors:
             raise CheckpointError(f"{path}: calibration file lacks '__timesteps__'")
         stats: dict[str, dict[str, torch.Tensor]] = {}
+        inputs = None
+        if "model_calls" in meta:
+            inputs = ModelInputs()
+            inputs.calls = json.loads(meta["model_calls"])
         for key, t in tensors.items():
             if key == "__timesteps__":
                 continue
             layer, sep, stat = key.rpartition("::")
             if not sep:
                 raise CheckpointError(f"{path}: unexpected tensor {key!r} in calibration file")
-            stats.setdefault(layer, {})[stat] = t
-        return cls(stats, tensors["__timesteps__"], json.loads(meta.get("meta", "{}")))
+            if layer == _INPUTS and inputs is not None:
+                inputs.tensors[stat] = t
+            else:
+                stats.setdefault(layer, {})[stat] = t
+        if inputs is not None:
+            named = {e["tensor"] for call in inputs.calls for e in _tensor_entries(call)}
+            if named - set(inputs.tensors):
+                raise CheckpointError(f"{path}: model inputs reference missing tensor(s) "
+                                      f"{sorted(named - set(inputs.tensors))[:3]}")
+        return cls(stats, tensors["__timesteps__"], json.loads(meta.get("meta", "{}")), inputs)
+
+
+_INPUTS = "__model_inputs__"
+
+
+def _tensor_entries(call: dict):
+    for entry in call.values():
+        if "tensor" in entry:
+            yield entry
+        elif "dict" in entry:
+            yield from _tensor_entries(entry["dict"])
 
 
 def call_timestep(args, kwargs) -> float | None:
@@ -141,10 +234,13 @@ class CalibrationRecorder:
 
     def __init__(self, model: nn.Module, layers: Iterable[str], needs: Sequence[str] = ("act_absmax",),
                  on_step: Callable[[int], None] | None = None, stat_options: dict[str, dict] | None = None):
-        unknown = set(needs) - set(STATISTICS)
+        unknown = set(needs) - set(STATISTICS) - {MODEL_INPUTS}
         if unknown:
-            raise ValueError(f"unknown calibration statistic(s) {sorted(unknown)}; known: {sorted(STATISTICS)}")
-        self.model, self.layers, self.needs, self.on_step = model, list(layers), tuple(needs), on_step
+            raise ValueError(f"unknown calibration statistic(s) {sorted(unknown)}; known: "
+                             f"{sorted(STATISTICS) + [MODEL_INPUTS]}")
+        self.model, self.layers, self.on_step = model, list(layers), on_step
+        self.needs = tuple(n for n in needs if n != MODEL_INPUTS)
+        self.inputs = ModelInputs(inspect.signature(model.forward)) if MODEL_INPUTS in needs else None
         opts = dict(stat_options or {})
         stray = set(opts) - set(self.needs)
         if stray:
@@ -159,6 +255,8 @@ class CalibrationRecorder:
 
     def _before_model(self, module, args, kwargs):
         self.step += 1
+        if self.inputs is not None:
+            self.inputs.update(args, kwargs)
         if self.step >= len(self.timesteps):
             t = call_timestep(args, kwargs)
             self.timesteps.append(float(self.step) if t is None else t)
@@ -181,7 +279,7 @@ class CalibrationRecorder:
     def __enter__(self):
         self._handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._after_model))
-        for name in self.layers:
+        for name in self.layers if self.needs else ():
             self._handles.append(self.model.get_submodule(name).register_forward_pre_hook(self._hook(name)))
         return self
 
@@ -194,7 +292,7 @@ class CalibrationRecorder:
     def result(self, meta: dict | None = None) -> CalibrationData:
         stats = {name: {n: s.result() for n, s in d.items() if s.result() is not None}
                  for name, d in self.stats.items()}
-        return CalibrationData(stats, torch.tensor(self.timesteps), dict(meta or {}))
+        return CalibrationData(stats, torch.tensor(self.timesteps), dict(meta or {}), self.inputs)
 
 
 def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int = 0, *,

@@ -176,18 +176,24 @@ class QuantConfig(_DictRoundTrip):
         return cfg
 
     @classmethod
-    def presets(cls) -> list[str]:
+    def presets(cls, quick_only: bool = False) -> list[str]:
+        """Preset names; ``quick_only`` leaves out those whose quantize step needs a prior search or
+        runs minutes of optimisation (the demo and the quality bench skip them unless named)."""
         from .methods import load_all
 
         load_all()
-        return sorted(_PRESETS)
+        return sorted(n for n in _PRESETS if not quick_only or n not in _SLOW)
 
 
 _PRESETS: dict[str, Callable[[], QuantConfig]] = {}
+_SLOW: set[str] = set()
 
 
-def register_preset(name: str, make: Callable[[], QuantConfig]) -> None:
-    """Called by a method module for each preset it provides."""
+def register_preset(name: str, make: Callable[[], QuantConfig], *, quick: bool = True) -> None:
+    """Called by a method module for each preset it provides; ``quick=False`` marks presets that need
+    a prior search or a long calibration before ``quantize`` (see ``QuantConfig.presets``)."""
     if name in _PRESETS:
         raise ValueError(f"preset {name!r} registered twice")
     _PRESETS[name] = make
+    if not quick:
+        _SLOW.add(name)

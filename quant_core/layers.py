@@ -62,6 +62,10 @@ class QuantModule(nn.Module):
     def format_name(self) -> str:
         return self.layer_type
 
+    def check_state(self) -> None:
+        """Raise ValueError if loaded buffers are inconsistent in a way shapes and dtypes cannot show
+        (called by serialization after loading)."""
+
     def weight_nbytes(self) -> int:
         """Bytes that stand for the weight matrix: packed values, scales, zero points, codebooks."""
         return sum(self._buffers[n].numel() * self._buffers[n].element_size()
@@ -368,3 +372,79 @@ class CodebookLinear(QuantModule):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.format_name()}, bias={self.bias is not None}")
+
+
+@register_layer_type("vq")
+class VQLinear(QuantModule):
+    """A Linear stored as one codebook and one index per weight sub-vector (vector quantization,
+    VQ4DiT): ``W[n, j*d:(j+1)*d] = codebook[indices[n, j]]``.
+
+    Buffers: ``indices`` uint8 ``[N, K/d]`` (so ``k <= 256``), ``codebook`` float16 ``[k, d]``, ``bias``
+    in the compute dtype. Activations stay in the compute dtype (weight-only); the forward decodes
+    through the ``vq_linear`` kernel op. Storage is ``log2(256)/d`` = 8/d bits per weight for the uint8
+    indices, plus ``k*d*2`` bytes of codebook per layer.
+    """
+
+    _fixed_dtype = ("indices", "codebook")
+    _weight_buffers = ("indices", "codebook")
+
+    def __init__(self, in_features: int, out_features: int, *, d: int, k: int, bias: bool = True,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        if d < 1 or in_features % d:
+            raise ValueError(f"VQLinear: sub-vector length d={d} must divide in_features={in_features}")
+        if not 1 <= k <= 256:
+            raise ValueError(f"VQLinear: codebook size k={k} must be in 1..256 (uint8 indices)")
+        self.in_features, self.out_features, self.d, self.k = in_features, out_features, d, k
+        self.register_buffer("indices", torch.empty(out_features, in_features // d, dtype=torch.uint8, device=device))
+        self.register_buffer("codebook", torch.empty(k, d, dtype=torch.float16, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_codes(cls, indices: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None, *,
+                   name: str = "", dtype=torch.float32) -> "VQLinear":
+        """Wrap integer codes ``[N, K/d]`` (values < k) and a float codebook ``[k, d]``."""
+        k, d = codebook.shape
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
+            raise ValueError(f"layer {name or '<unnamed>'!r}: indices outside the {k}-entry codebook")
+        mod = cls(indices.shape[1] * d, indices.shape[0], d=d, k=k, bias=bias is not None, dtype=dtype,
+                  device=codebook.device)
+        mod.layer_name = name
+        mod.indices.copy_(indices.to(torch.uint8))
+        mod.codebook.copy_(codebook.detach().to(torch.float16))
+        if bias is not None:
+            mod.bias.copy_(bias.detach())
+        return mod
+
+    def spec(self) -> dict[str, Any]:
+        return {"layer_type": self.layer_type, "in_features": self.in_features, "out_features": self.out_features,
+                "d": self.d, "k": self.k, "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype = torch.float32) -> "VQLinear":
+        return cls(spec["in_features"], spec["out_features"], d=spec["d"], k=spec["k"], bias=spec["bias"],
+                   dtype=dtype, device="meta")
+
+    def check_state(self) -> None:
+        if int(self.indices.max()) >= self.k:
+            raise ValueError(f"indices reach {int(self.indices.max())} but the codebook has {self.k} entries")
+        if not torch.isfinite(self.codebook).all():
+            raise ValueError("codebook has NaN/Inf entries")
+
+    def effective_weight(self) -> torch.Tensor:
+        from ..kernels import reference
+
+        return reference.vq_decode(self.indices, self.codebook, self.in_features)
+
+    def format_name(self) -> str:
+        return f"vq-k{self.k}-d{self.d} / a16"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = kernels.op("vq_linear", x.device)(x2, self.indices, self.codebook, self.bias, d=self.d,
+                                              in_features=self.in_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, d={self.d}, "
+                f"bias={self.bias is not None}")

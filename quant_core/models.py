@@ -84,6 +84,12 @@ def block_index(name: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+def block_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The numbered transformer blocks of ``model`` (``transformer_blocks.3``, ``blocks.0``, ...), in order."""
+    return [(name, mod) for name, mod in model.named_modules()
+            if name and (m := _BLOCK.search(name + ".")) and m.end() == len(name) + 1]
+
+
 def select_layers(model: nn.Module, config: QuantConfig | None = None) -> dict[str, LayerInfo]:
     """The Linears of ``model`` to quantize, by the architecture's policy, then include/exclude."""
     policy = policy_for(model)

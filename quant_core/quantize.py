@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .calibration import CalibrationData
+from .calibration import STATISTICS, CalibrationData
 from .config import QuantConfig
 from .layers import QuantModule
 from .metrics import sqnr
@@ -111,7 +111,7 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationData
         raise ValueError(f"method {config.method!r} ({config.name or 'custom config'}) needs calibration "
                          f"statistics {list(needs)}: run ditq.calibrate(pipe, prompts) first")
     ctx = QuantizationContext(model, select_layers(model, config), config, calibration, progress, on_layer)
-    if calibration is not None and needs:
+    if calibration is not None and any(n in STATISTICS for n in needs):  # per-layer statistics
         missing = [n for n in ctx.layers if n not in calibration.stats]
         if missing:
             raise ValueError(f"calibration has no statistics for layer(s) {missing[:3]}: it was recorded "

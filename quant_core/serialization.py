@@ -252,6 +252,10 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, torch.Tensor], sou
         scale = getattr(mod, "weight_scale", None)
         if scale is not None and not torch.isfinite(scale).all():
             raise CheckpointError(f"{source}: layer {name!r} has non-finite weight scales")
+        try:
+            mod.check_state()
+        except ValueError as e:
+            raise CheckpointError(f"{source}: layer {name!r}: {e}") from None
     return model
 
 

@@ -252,5 +252,5 @@ def _preset(act_bits: int | None):
                                options=dict(DEFAULTS))
 
 
-register_preset("qua2sedimo-w3.5", _preset(None))
-register_preset("qua2sedimo-w3.5a8", _preset(8))
+register_preset("qua2sedimo-w3.5", _preset(None), quick=False)
+register_preset("qua2sedimo-w3.5a8", _preset(8), quick=False)
