@@ -201,8 +201,6 @@ def test_on_the_fly_quantization_through_diffusers_is_refused(fp_dir):
         PixArtTransformer2DModel.from_pretrained(fp_dir, subfolder="transformer", quantization_config=DitqConfig())
 
 
-@pytest.mark.skipif(os.environ.get("DITQ_SLOW_TESTS") != "1", reason="tracing the whole transformer takes "
-                    "~30 s on 2 CPU cores (the kernels' tests compile the quantized forward); set DITQ_SLOW_TESTS=1")
 def test_torch_compile_transformer(q_dir, q_out, call_kwargs):
     from ditq import QuantizedPixArtPipeline
 
