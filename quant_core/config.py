@@ -185,6 +185,13 @@ class QuantConfig(_DictRoundTrip):
         return sorted(n for n in _PRESETS if not quick_only or n not in _SLOW)
 
 
+def check_options(config: QuantConfig, known) -> None:
+    """Refuse ``config.options`` keys the method does not know (a typo must not pass silently)."""
+    unknown = set(config.options) - set(known)
+    if unknown:
+        raise ValueError(f"{config.method}: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+
+
 _PRESETS: dict[str, Callable[[], QuantConfig]] = {}
 _SLOW: set[str] = set()
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import quantizers as qz
-from ..config import LayerScheme, QuantConfig, register_preset
+from ..config import LayerScheme, QuantConfig, check_options, register_preset
 from ..gptq import gptq_quantize_linear
 from ..layers import QuantLinear
 from ..models import LayerInfo, select_layers, set_submodule
@@ -41,9 +41,7 @@ OPTIONS = {"weight_quantizer": "gptq", "gptq_damp": 0.01, "gptq_block_size": 128
 
 
 def options(config: QuantConfig) -> dict:
-    unknown = set(config.options) - set(OPTIONS)
-    if unknown:
-        raise ValueError(f"q-dit: unknown option(s) {sorted(unknown)}; known: {sorted(OPTIONS)}")
+    check_options(config, OPTIONS)
     opts = {**OPTIONS, **config.options}
     if opts["weight_quantizer"] not in WEIGHT_QUANTIZERS:
         raise ValueError(f"q-dit: weight_quantizer {opts['weight_quantizer']!r}; expected one of {WEIGHT_QUANTIZERS}")

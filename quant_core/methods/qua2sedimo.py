@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import qua2sedimo_search as qs
-from ..config import QuantConfig, register_preset
+from ..config import QuantConfig, check_options, register_preset
 from ..models import select_layers
 from ..qua2sedimo_graph import build_graph
 from ..qua2sedimo_options import METHOD_NAMES, Option, OptionBank, build_option, option_grid
@@ -41,9 +41,7 @@ DEFAULTS = {
 
 
 def settings(config: QuantConfig) -> dict:
-    unknown = set(config.options) - set(DEFAULTS) - {"assignment"}
-    if unknown:
-        raise ValueError(f"qua2sedimo: unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    check_options(config, set(DEFAULTS) | {"assignment"})
     return {**DEFAULTS, **config.options}
 
 

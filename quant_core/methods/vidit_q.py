@@ -32,7 +32,7 @@ from torch import nn
 from .. import rotation as rot
 from .. import smoothing
 from ..calibration import CalibrationData
-from ..config import LayerScheme, QuantConfig, register_preset
+from ..config import LayerScheme, QuantConfig, check_options, register_preset
 from ..layers import QuantLinear
 from ..metrics import rel_l2
 from ..models import LayerInfo, select_layers, set_submodule
@@ -68,10 +68,7 @@ class ViDiTQOptions:
 
     @classmethod
     def from_config(cls, config: QuantConfig) -> "ViDiTQOptions":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(config.options) - known
-        if unknown:
-            raise ValueError(f"vidit-q: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        check_options(config, {f.name for f in dataclasses.fields(cls)})
         opts = cls(**config.options)
         rot.rotation_block(256, opts.rotation, opts.rotation_block)  # validates mode and block size
         if opts.mixed_precision and config.weight_bits >= opts.mp_high_bits:

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..calibration import MODEL_INPUTS, calibrate, decode_model_call
 from ..evaluation import takes_prompts
-from ..config import QuantConfig, register_preset
+from ..config import QuantConfig, check_options, register_preset
 from ..kmeans import kmeans, nearest
 from ..layers import VQLinear
 from ..models import block_modules
@@ -76,10 +76,7 @@ class VQ4DiTOptions:
 
     @classmethod
     def from_config(cls, config: QuantConfig) -> "VQ4DiTOptions":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(config.options) - known
-        if unknown:
-            raise ValueError(f"vq4dit: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        check_options(config, {f.name for f in dataclasses.fields(cls)})
         opts = cls(**config.options)
         checks = [
             (opts.ratio_init in ("uniform", "distance"), f"ratio_init {opts.ratio_init!r}: 'uniform' or 'distance'"),
