@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     stress_err = None if args.smoke else check_stress_preserves_function()
     meta = dict(device=f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
                 date=datetime.date.today().isoformat(), commit=git_commit(),
-                command="python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                command=" ".join(["python bench/quality.py", *(argv if argv is not None else sys.argv[1:])]),
                 seconds=round(time.perf_counter() - started, 1), stress_fp_rel_l2=stress_err)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Quality, size and cost ({'smoke' if args.smoke else 'full'})", "",

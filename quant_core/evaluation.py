@@ -47,11 +47,11 @@ def file_tensor_bytes(path, layers: set[str]) -> int:
     packed values, scales, zero points, codebooks, smoothing vectors)."""
     from safetensors import safe_open
 
+    prefixes = tuple(f"{layer}." for layer in layers)
     total = 0
     with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            layer, _, buf = key.rpartition(".")
-            if layer in layers and buf != "bias":
+        for key in f.keys():  # nested tensors count too (a switching layer holds its variants)
+            if key.startswith(prefixes) and not key.endswith(".bias"):
                 t = f.get_tensor(key)
                 total += t.numel() * t.element_size()
     return total
