@@ -72,7 +72,8 @@ def orderings(results: dict[str, list[dict]]) -> list[str]:
     for model, better, worse, claim in ORDERINGS:
         rows = {r["preset"]: r for r in results.get(model, [])}
         if better not in rows or worse not in rows:
-            lines.append(f"- not measured: {claim} ({model}: {better} or {worse} did not run)")
+            lines.append(f"- not measured: {claim} ({model}: {better} / {worse} not in this run; "
+                         f"name them with --presets)")
             continue
         b, w = rows[better], rows[worse]
         holds = b["latent_rel_l2"] < w["latent_rel_l2"]
