@@ -34,9 +34,11 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 # diffusers finds the "ditq" quantizer backend once diffusers is imported (pipelines/registration.py):
-# this installs a one-shot import hook and imports nothing heavy. (pytest may import this file as a
-# plain module, without a package, while collecting tests: then there is nothing to register.)
-if __package__:
+# this installs a one-shot import hook and imports nothing heavy. Only the package imported as `ditq`
+# registers: a second copy of this folder under another name (pytest sets the checkout up as a
+# package named after its folder; ComfyUI imports custom_nodes/<folder>) would otherwise claim the
+# backend key with its own classes, and models it loads would fail `ditq` isinstance checks.
+if __name__ == "ditq":
     importlib.import_module(".pipelines.registration", __name__).install()
 
 
