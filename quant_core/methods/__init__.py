@@ -39,8 +39,3 @@ def get_method(name: str):
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
     return _METHODS[name]()
-
-
-def available_methods() -> list[str]:
-    load_all()
-    return sorted(_METHODS)
