@@ -15,6 +15,7 @@ if not __package__ or "." not in __package__:
 
 import torch
 
+from ..quant_core import quantizers as qz
 from .dispatch import backend, op, register_triton
 
 __all__ = ["quant_linear", "codebook_linear", "op", "backend", "register_triton"]
@@ -50,6 +51,11 @@ def codebook_linear(x: torch.Tensor, *, indices, codebook, bias=None, bits: int,
     """``x [M, K] -> y [M, N]`` for a codebook (k-means / VQ) weight. With ``act_mode`` set the
     activations are quantized dynamically per token first; the product then runs on the decoded
     float weight (codebook weights have no integer GEMM)."""
+    rows, entries, dim = codebook.shape
+    if (entries != 2**bits or in_features % dim or rows not in (1, indices.shape[0]) or x.shape[1] != in_features
+            or indices.shape[1] != qz.packed_width(in_features // dim, bits)):
+        raise ValueError(f"codebook_linear: x {tuple(x.shape)}, codebook {tuple(codebook.shape)} and indices "
+                         f"{tuple(indices.shape)} do not fit {bits}-bit indices over in_features={in_features}")
     dev = x.device
     if act_mode is not None:
         if act_mode != "dynamic_token":

@@ -290,9 +290,10 @@ class CodebookLinear(QuantModule):
 
     The weight rows are split into sub-vectors of ``dim`` consecutive input channels; each stores a
     ``bits``-bit index into a codebook of ``2^bits`` entries. ``per_channel`` codebooks
-    (``[N, 2^b, dim]``, Qua²SeDiMo's K-Means-C) or one per layer (``[1, 2^b, dim]``, K-Means-A, VQ).
-    Buffers: ``indices`` uint8 ``[N, packed_width(K / dim, bits)]`` (see quantizers.pack_bits, index
-    ``u`` stored as ``u - 2^(bits-1)``), ``codebook`` float16, ``bias`` in the compute dtype.
+    (``[N, 2^b, dim]``, Qua²SeDiMo's K-Means-C) or one per layer (``[1, 2^b, dim]``, K-Means-A, VQ4DiT).
+    Buffers: ``indices`` uint8 ``[N, packed_width(K / dim, bits)]``, int8 ``[N, K / dim]`` for 8 bits
+    (see quantizers.pack_bits, index ``u`` stored as ``u - 2^(bits-1)``): ``bits / dim`` bits per weight
+    (rows padded to 8 indices) plus the codebook; ``codebook`` float16, ``bias`` in the compute dtype.
     ``act_bits`` (with ``act_mode="dynamic_token"``) quantizes activations per token before the product.
     """
 
@@ -322,20 +323,39 @@ class CodebookLinear(QuantModule):
     @classmethod
     def from_assignment(cls, linear: nn.Linear, indices: torch.Tensor, codebook: torch.Tensor, bits: int, *,
                         name: str = "", act_bits: int | None = None) -> "CodebookLinear":
-        """Wrap unsigned indices ``[N, K / d]`` (int64, < 2^bits) and a codebook ``[R, 2^bits, d]``."""
+        """Wrap unsigned indices ``[N, K / d]`` (int64, < 2^bits) and a codebook ``[R, 2^bits, d]`` for
+        ``linear`` (its shape, bias and dtype)."""
         out_f, in_f = linear.weight.shape
         rows, entries, dim = codebook.shape
         if entries != 2**bits or rows not in (1, out_f) or tuple(indices.shape) != (out_f, in_f // dim):
             raise ValueError(f"layer {name or 'linear'!r}: codebook {tuple(codebook.shape)} / indices "
                              f"{tuple(indices.shape)} do not fit a {out_f}x{in_f} weight at {bits} bits")
-        mod = cls(in_f, out_f, bits, dim=dim, per_channel=rows > 1, bias=linear.bias is not None,
-                  act_bits=act_bits, act_mode="dynamic_token" if act_bits else None,
-                  dtype=linear.weight.dtype, device=linear.weight.device)
+        return cls.from_codes(indices, codebook, linear.bias, name=name, act_bits=act_bits,
+                              dtype=linear.weight.dtype)
+
+    @classmethod
+    def from_codes(cls, indices: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None, *,
+                   name: str = "", act_bits: int | None = None, dtype=torch.float32) -> "CodebookLinear":
+        """Wrap unsigned indices ``[N, K / d]`` and a codebook ``[R, 2^b, d]`` (R = 1 or N); the index
+        width ``b`` is the codebook's, ``K`` is ``d`` times the index columns."""
+        layer = name or "<unnamed>"
+        if codebook.dim() != 3 or indices.dim() != 2 or codebook.shape[0] not in (1, indices.shape[0]):
+            raise ValueError(f"layer {layer!r}: expected indices [N, K/d] and a codebook [1 or N, 2^b, d], "
+                             f"got {tuple(indices.shape)} and {tuple(codebook.shape)}")
+        rows, entries, dim = codebook.shape
+        bits = entries.bit_length() - 1
+        if entries != 2**bits or not 1 <= bits <= 8:
+            raise ValueError(f"layer {layer!r}: a codebook of {entries} entries; packed indices need 2^b, b in 1..8")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= entries):
+            raise ValueError(f"layer {layer!r}: indices outside the {entries}-entry codebook")
+        out_f, in_f = indices.shape[0], indices.shape[1] * dim
+        mod = cls(in_f, out_f, bits, dim=dim, per_channel=rows > 1, bias=bias is not None, act_bits=act_bits,
+                  act_mode="dynamic_token" if act_bits else None, dtype=dtype, device=codebook.device)
         mod.layer_name = name
-        mod.indices.copy_(qz.pack_bits((indices - 2 ** (bits - 1)).to(torch.int8), bits))
-        mod.codebook.copy_(codebook)
-        if linear.bias is not None:
-            mod.bias.copy_(linear.bias.detach())
+        mod.indices.copy_(qz.pack_bits((indices.long() - 2 ** (bits - 1)).to(torch.int8), bits))
+        mod.codebook.copy_(codebook.detach())
+        if bias is not None:
+            mod.bias.copy_(bias.detach())
         return mod
 
     def spec(self) -> dict[str, Any]:
@@ -348,6 +368,10 @@ class CodebookLinear(QuantModule):
         return cls(spec["in_features"], spec["out_features"], spec["bits"], dim=spec["dim"],
                    per_channel=spec["per_channel"], bias=spec["bias"], act_bits=spec.get("act_bits"),
                    act_mode=spec.get("act_mode"), dtype=dtype, device="meta")
+
+    def check_state(self) -> None:
+        if not torch.isfinite(self.codebook).all():
+            raise ValueError("codebook has NaN/Inf entries")
 
     def effective_weight(self) -> torch.Tensor:
         from ..kernels import reference
@@ -372,79 +396,3 @@ class CodebookLinear(QuantModule):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.format_name()}, bias={self.bias is not None}")
-
-
-@register_layer_type("vq")
-class VQLinear(QuantModule):
-    """A Linear stored as one codebook and one index per weight sub-vector (vector quantization,
-    VQ4DiT): ``W[n, j*d:(j+1)*d] = codebook[indices[n, j]]``.
-
-    Buffers: ``indices`` uint8 ``[N, K/d]`` (so ``k <= 256``), ``codebook`` float16 ``[k, d]``, ``bias``
-    in the compute dtype. Activations stay in the compute dtype (weight-only); the forward decodes
-    through the ``vq_linear`` kernel op. Storage is ``log2(256)/d`` = 8/d bits per weight for the uint8
-    indices, plus ``k*d*2`` bytes of codebook per layer.
-    """
-
-    _fixed_dtype = ("indices", "codebook")
-    _weight_buffers = ("indices", "codebook")
-
-    def __init__(self, in_features: int, out_features: int, *, d: int, k: int, bias: bool = True,
-                 dtype=torch.float32, device=None):
-        super().__init__()
-        if d < 1 or in_features % d:
-            raise ValueError(f"VQLinear: sub-vector length d={d} must divide in_features={in_features}")
-        if not 1 <= k <= 256:
-            raise ValueError(f"VQLinear: codebook size k={k} must be in 1..256 (uint8 indices)")
-        self.in_features, self.out_features, self.d, self.k = in_features, out_features, d, k
-        self.register_buffer("indices", torch.empty(out_features, in_features // d, dtype=torch.uint8, device=device))
-        self.register_buffer("codebook", torch.empty(k, d, dtype=torch.float16, device=device))
-        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
-
-    @classmethod
-    def from_codes(cls, indices: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None, *,
-                   name: str = "", dtype=torch.float32) -> "VQLinear":
-        """Wrap integer codes ``[N, K/d]`` (values < k) and a float codebook ``[k, d]``."""
-        k, d = codebook.shape
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
-            raise ValueError(f"layer {name or '<unnamed>'!r}: indices outside the {k}-entry codebook")
-        mod = cls(indices.shape[1] * d, indices.shape[0], d=d, k=k, bias=bias is not None, dtype=dtype,
-                  device=codebook.device)
-        mod.layer_name = name
-        mod.indices.copy_(indices.to(torch.uint8))
-        mod.codebook.copy_(codebook.detach().to(torch.float16))
-        if bias is not None:
-            mod.bias.copy_(bias.detach())
-        return mod
-
-    def spec(self) -> dict[str, Any]:
-        return {"layer_type": self.layer_type, "in_features": self.in_features, "out_features": self.out_features,
-                "d": self.d, "k": self.k, "bias": self.bias is not None}
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype = torch.float32) -> "VQLinear":
-        return cls(spec["in_features"], spec["out_features"], d=spec["d"], k=spec["k"], bias=spec["bias"],
-                   dtype=dtype, device="meta")
-
-    def check_state(self) -> None:
-        if int(self.indices.max()) >= self.k:
-            raise ValueError(f"indices reach {int(self.indices.max())} but the codebook has {self.k} entries")
-        if not torch.isfinite(self.codebook).all():
-            raise ValueError("codebook has NaN/Inf entries")
-
-    def effective_weight(self) -> torch.Tensor:
-        from ..kernels import reference
-
-        return reference.vq_decode(self.indices, self.codebook, self.in_features)
-
-    def format_name(self) -> str:
-        return f"vq-k{self.k}-d{self.d} / a16"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        y = kernels.op("vq_linear", x.device)(x2, self.indices, self.codebook, self.bias, d=self.d,
-                                              in_features=self.in_features)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, d={self.d}, "
-                f"bias={self.bias is not None}")

@@ -32,20 +32,21 @@ def _cfg(bits=2, **options):
 
 def test_w2_size_and_file_round_trip(tiny_pipe, trajectory, fresh, tmp_path):
     from ditq import CheckpointError, load_quantized, quantize, save_quantized
-    from ditq.quant_core.layers import VQLinear
+    from ditq.quant_core.layers import CodebookLinear
 
     model = fresh(tiny_pipe.transformer)
     report = quantize(model, _cfg(steps=0), trajectory, progress=False)
-    # 8 layers 256x256 and 2 of 256x1024 per block: uint8 index per 4 weights + a 256x4 fp16 codebook
+    # 8 layers 256x256 and 2 of 256x1024 per block: an 8-bit index per 4 weights (N*K*2/8 bytes)
+    # + a 256x4 fp16 codebook
     per_block_fp16 = (8 * 256 * 256 + 2 * 256 * 1024) * 2
-    per_block_vq = 8 * (256 * 64 + 2048) + 2 * (256 * 256 + 2048)
+    per_block_vq = 8 * (256 * 256 * 2 // 8 + 2048) + 2 * (256 * 1024 * 2 // 8 + 2048)
     assert report.fp16_bytes == 4 * per_block_fp16 and report.quant_bytes == 4 * per_block_vq
     assert report.ratio == pytest.approx(0.134765625) and report.ratio <= 0.15
-    assert all(r.format == "vq-k256-d4 / a16" for r in report.layers)
+    assert all(r.format == "codebook8-d4-layer / a16" for r in report.layers)
     save_quantized(model, tmp_path / "q")
     loaded = load_quantized(tmp_path / "q")
     layer = loaded.get_submodule("transformer_blocks.1.ff.net.2")
-    assert isinstance(layer, VQLinear) and set(dict(layer.named_buffers())) == {"indices", "codebook", "bias"}
+    assert isinstance(layer, CodebookLinear) and set(dict(layer.named_buffers())) == {"indices", "codebook", "bias"}
     call = next(trajectory.model_calls())
     with torch.no_grad():
         torch.testing.assert_close(loaded(**call)[0], model(**call)[0], atol=0, rtol=0)
@@ -54,7 +55,7 @@ def test_w2_size_and_file_round_trip(tiny_pipe, trajectory, fresh, tmp_path):
 
     f = tmp_path / "q" / "diffusion_pytorch_model.safetensors"
     tensors = load_file(f)
-    tensors["transformer_blocks.0.attn1.to_q.codebook"] = tensors["transformer_blocks.0.attn1.to_q.codebook"][:16]
+    tensors["transformer_blocks.0.attn1.to_q.codebook"] = tensors["transformer_blocks.0.attn1.to_q.codebook"][:, :16]
     save_file(tensors, f)
     with pytest.raises(CheckpointError, match="to_q"):
         load_quantized(tmp_path / "q")
@@ -85,7 +86,7 @@ def test_calibration_resumes_exactly(tiny_pipe, trajectory, fresh, tmp_path, vq)
 def test_dit_zero_data_labels(dit_pipe, fresh, vq):
     from ditq import quantize
     from ditq.quant_core.builtin import DIT_CALL
-    from ditq.quant_core.layers import VQLinear
+    from ditq.quant_core.layers import CodebookLinear
 
     calib = vq.zero_data_calibration(dit_pipe, num_samples=2, num_inference_steps=2, progress=False,
                                      guidance_scale=DIT_CALL["guidance_scale"])
@@ -95,7 +96,10 @@ def test_dit_zero_data_labels(dit_pipe, fresh, vq):
     model = fresh(dit_pipe.transformer)
     quantize(model, _cfg(bits=3, steps=2, include=FEW), calib, progress=False)
     layer = model.get_submodule("transformer_blocks.0.ff.net.2")
-    assert isinstance(layer, VQLinear) and (layer.k, layer.d) == (64, 2)
+    assert isinstance(layer, CodebookLinear) and (layer.bits, layer.dim, layer.per_channel) == (6, 2, False)
+    # w3 = 64 codewords of d=2: 6-bit indices packed, 3 bits per weight, + the 64x2 fp16 codebook
+    n, k = layer.out_features, layer.in_features
+    assert layer.indices.shape == (n, k // 2 * 6 // 8) and layer.weight_nbytes() == n * k * 3 // 8 + 64 * 2 * 2
     with torch.no_grad():
         assert torch.isfinite(model(**calls[0]).sample).all()
 

@@ -1,5 +1,5 @@
-"""VQ4DiT building blocks against float64 references and known answers: k-means, the VQ layer and
-its kernel op, the calibration-only soft layer, the codebook clamp, and model-input recording."""
+"""VQ4DiT building blocks against float64 references and known answers: k-means, the stored codebook
+layer, the calibration-only soft layer, the codebook clamp, and model-input recording."""
 from __future__ import annotations
 
 import math
@@ -74,20 +74,21 @@ def test_codebook_clamp_bit_goes_down():
     assert clamp_codebook_size(256, 16384) == 256          # 256x256 layer, d=4
     assert clamp_codebook_size(256, 512) == 128            # at most one codeword per 4 sub-vectors
     assert clamp_codebook_size(64, 100) == 16              # floor to a power of two: 25 -> 16
-    assert clamp_codebook_size(256, 3) == 1
+    assert clamp_codebook_size(256, 3) == 2                # never below 1-bit indices
 
 
-def _vq_layer(seed=0, n=6, k_in=8, d=2, k=5, bias=True):
-    from ditq.quant_core.layers import VQLinear
+def _vq_layer(seed=0, n=6, k_in=8, d=2, k=8, bias=True):
+    """VQ4DiT's stored layer: one codebook ``[1, k, d]``, log2(k)-bit packed indices."""
+    from ditq.quant_core.layers import CodebookLinear
 
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(k, (n, k_in // d), generator=g)
-    codebook = torch.randn(k, d, generator=g)
+    codebook = torch.randn(1, k, d, generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    return VQLinear.from_codes(codes, codebook, b, name="t"), codes, codebook.half(), b
+    return CodebookLinear.from_codes(codes, codebook, b, name="t"), codes, codebook[0].half(), b
 
 
-def test_vq_linear_decodes_and_matches_float64():
+def test_vq_layer_decodes_and_matches_float64():
     from ditq import kernels
 
     layer, codes, codebook, bias = _vq_layer()
@@ -96,26 +97,29 @@ def test_vq_linear_decodes_and_matches_float64():
     x = torch.randn(3, 4, 8)
     ref = x.double() @ w.t() + bias.double()
     torch.testing.assert_close(layer(x).double(), ref, atol=1e-5, rtol=1e-5)
+    assert (layer.bits, layer.dim, layer.per_channel) == (3, 2, False)
     assert layer.indices.dtype == torch.uint8 and layer.codebook.dtype == torch.float16
-    assert layer.weight_nbytes() == 6 * 4 + 5 * 2 * 2
-    op = kernels.op("vq_linear", x.device)
-    with pytest.raises(ValueError, match="d=3"):
-        op(x[0], layer.indices, layer.codebook, None, d=3, in_features=8)
+    # 4 three-bit indices per row pad to 8 -> 3 bytes; 8 entries x 2 fp16
+    assert layer.weight_nbytes() == 6 * 3 + 8 * 2 * 2
+    with pytest.raises(ValueError, match="4-bit"):
+        kernels.codebook_linear(x[0], indices=layer.indices, codebook=layer.codebook, bits=4, in_features=8)
 
 
 def test_vq_layer_keeps_storage_dtypes_and_checks_codes():
-    from ditq.quant_core.layers import VQLinear
+    from ditq.quant_core.layers import CodebookLinear
 
     layer = _vq_layer()[0].to(torch.bfloat16)
     assert layer.codebook.dtype == torch.float16 and layer.indices.dtype == torch.uint8
     assert layer.bias.dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="outside"):
-        VQLinear.from_codes(torch.full((2, 2), 7), torch.zeros(5, 2), None)
-    layer.indices[0, 0] = 200
-    with pytest.raises(ValueError, match="200"):
+    with pytest.raises(ValueError, match="'t'.*outside"):
+        CodebookLinear.from_codes(torch.full((2, 2), 7), torch.zeros(1, 4, 2), None, name="t")
+    with pytest.raises(ValueError, match="'t'.*5 entries"):
+        CodebookLinear.from_codes(torch.zeros(2, 2, dtype=torch.long), torch.zeros(1, 5, 2), None, name="t")
+    layer.codebook[0, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
         layer.check_state()
-    with pytest.raises(ValueError, match="d=3"):
-        VQLinear(8, 4, d=3, k=4)
+    with pytest.raises(ValueError, match="length 3"):
+        CodebookLinear(8, 4, 2, dim=3)
 
 
 def _soft(ratio_init="uniform", n=3):
@@ -145,8 +149,9 @@ def test_soft_layer_is_softmax_weighted_candidates():
     hard = codebook[soft.candidates.gather(1, soft.logits.argmax(-1, keepdim=True)).squeeze(1)]
     torch.testing.assert_close(soft.weight(), hard.reshape(4, 8))
     assert soft.codebook.requires_grad and not soft.logits.requires_grad and soft.bias.requires_grad
-    vq = soft.to_vq("t", torch.float32)
+    vq = soft.to_codebook_linear("t", torch.float32)
     torch.testing.assert_close(vq.effective_weight(), hard.reshape(4, 8).half().float())
+    assert (vq.bits, vq.dim) == (4, 2) and vq.weight_nbytes() == 4 * 4 + 16 * 2 * 2  # 4 indices pad to 8: 4 B
 
 
 def test_soft_layer_ratio_init_and_losses():
@@ -183,6 +188,8 @@ def test_options_are_validated():
         VQ4DiTOptions.from_config(QuantConfig(method="vq4dit", weight_bits=2, act_bits=None, options={"kk": 1}))
     with pytest.raises(ValueError, match="ratio_init"):
         VQ4DiTOptions.from_config(QuantConfig(method="vq4dit", act_bits=None, options={"ratio_init": "x"}))
+    with pytest.raises(ValueError, match="k=100 must be a power of two"):
+        VQ4DiTOptions.from_config(QuantConfig(method="vq4dit", act_bits=None, options={"k": 100, "d": 2}))
     opts = VQ4DiTOptions()
     assert opts.setting(2, "l") == (256, 4) and opts.setting(3, "l") == (64, 2)
     with pytest.raises(ValueError, match="weight_bits"):

@@ -17,8 +17,8 @@ The pass, step by step:
    ``harden_fraction`` frozen is hardened (argmax codes), and only then are its codebook and bias
    fine-tuned. At ``harden_at`` of the steps the remaining layers are hardened so every codebook gets
    fine-tuning time.
-4. Storage: each layer becomes a :class:`~ditq.quant_core.layers.VQLinear` (uint8 indices, fp16
-   codebook, bias).
+4. Storage: each layer becomes a :class:`~ditq.quant_core.layers.CodebookLinear` with one codebook
+   (fp16 ``[1, k, d]``) and ``log2(k)``-bit packed indices, so ``log2(k) / d`` bits per weight, plus bias.
 
 Paper formulation by default; the released code's choices are options: ``ratio_init="distance"``
 (logits ``log(d_n / d_j)``, the code) vs ``"uniform"`` (paper); ``ratio_loss="quadratic"``
@@ -41,7 +41,7 @@ from ..calibration import MODEL_INPUTS, calibrate, decode_model_call
 from ..evaluation import takes_prompts
 from ..config import QuantConfig, check_options, register_preset
 from ..kmeans import kmeans, nearest
-from ..layers import VQLinear
+from ..layers import CodebookLinear
 from ..models import block_modules
 from . import register_method
 
@@ -86,6 +86,8 @@ class VQ4DiTOptions:
             (0 <= opts.harden_at <= 1, f"harden_at={opts.harden_at} must be in [0, 1]"),
             (opts.checkpoint_every >= 1, f"checkpoint_every={opts.checkpoint_every} must be >= 1"),
             ((opts.k is None) == (opts.d is None), "give both k and d, or neither"),
+            (opts.k is None or (2 <= opts.k <= 256 and not opts.k & (opts.k - 1)),
+             f"k={opts.k} must be a power of two in 2..256 (packed log2(k)-bit indices)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -103,8 +105,8 @@ class VQ4DiTOptions:
 
 def clamp_codebook_size(k: int, num_subvectors: int) -> int:
     """"And the bit goes down" (Stock et al. 2020): at most one codeword per 4 sub-vectors, a power
-    of two, so small layers do not pay for codewords they cannot use."""
-    return max(1, min(k, 1 << max(0, (num_subvectors // 4).bit_length() - 1)))
+    of two, so small layers do not pay for codewords they cannot use; at least 2 (1-bit indices)."""
+    return max(2, min(k, 1 << max(0, (num_subvectors // 4).bit_length() - 1)))
 
 
 def init_codebook(weight: torch.Tensor, k: int, d: int, *, iters: int, seed: int, init: str,
@@ -203,9 +205,10 @@ class SoftVQLinear(nn.Module):
         self.hardened.fill_(True)
         self.set_trainable()
 
-    def to_vq(self, name: str, dtype: torch.dtype) -> VQLinear:
+    def to_codebook_linear(self, name: str, dtype: torch.dtype) -> CodebookLinear:
+        """The stored layer: argmax codes as packed log2(k)-bit indices into the one fp16 codebook."""
         codes = self.codes().reshape(self.out_features, -1)
-        return VQLinear.from_codes(codes, self.codebook, self.bias, name=name, dtype=dtype)
+        return CodebookLinear.from_codes(codes, self.codebook.unsqueeze(0), self.bias, name=name, dtype=dtype)
 
 
 class _BlockOutputs:
@@ -438,7 +441,7 @@ class VQ4DiT:
         for name, soft in cal.soft.items():
             soft.harden()
             dtype = ctx.linear(name).weight.dtype
-            ctx.replace(name, soft.to_vq(name, dtype))
+            ctx.replace(name, soft.to_codebook_linear(name, dtype))
 
 
 register_preset("vq4dit-w2", lambda: QuantConfig(method="vq4dit", weight_bits=2, act_bits=None), quick=False)
