@@ -170,23 +170,6 @@ def weight_only_linear(x, weight, w_scale, w_zero, bias, *, bits, weight_format,
     return y.to(x.dtype)
 
 
-def vq_decode(indices: torch.Tensor, codebook: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Weight ``[N, in_features]`` float32 from uint8 ``indices [N, ceil(K / d)]`` into ``codebook [k, d]``:
-    row n is the concatenation of ``codebook[indices[n, j]]`` over j, cut to ``in_features``."""
-    n = indices.shape[0]
-    return codebook.float()[indices.long()].reshape(n, -1)[:, :in_features]
-
-
-def vq_linear(x, indices, codebook, bias, *, d, in_features):
-    """Linear with a vector-quantized weight (VQ4DiT): ``x @ vq_decode(...).T + bias``, in x's dtype."""
-    if codebook.shape[1] != d:
-        raise ValueError(f"codebook vectors have length {codebook.shape[1]}, expected d={d}")
-    y = x.float() @ vq_decode(indices, codebook, in_features).t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
-
-
 def codebook_decode(indices, codebook, *, bits, in_features):
     """Codebook weights: ``indices`` packed b-bit ``[N, packed_width(K / d, b)]`` (unsigned index
     ``u`` stored as ``u - 2^(b-1)``, see quantizers.pack_bits), ``codebook`` ``[R, 2^b, d]`` with
@@ -219,6 +202,5 @@ OPS = {
     "int_gemm": int_gemm,
     "fp8_gemm": fp8_gemm,
     "weight_only_linear": weight_only_linear,
-    "vq_linear": vq_linear,
     "codebook_linear": codebook_linear,
 }

@@ -1,4 +1,4 @@
-"""Triton GEMMs for quantized linears: W8A8 / W4A8 int8, FP8 W8A8, weight-only and VQ decode.
+"""Triton GEMMs for quantized linears: W8A8 / W4A8 int8, FP8 W8A8, weight-only and codebook decode.
 
 Weights are stored ``[N, K]`` K-contiguous (kernels.md §2.4: 8-bit wgmma wants K-major operands).
 
@@ -12,7 +12,8 @@ operand of ``tl.dot`` (computing Yᵀ = W·Xᵀ), which Hopper runs as register-
 writing the unpacked tile back to shared memory (§4.3).
 
 ``_dequant_gemm_kernel`` (16-bit tensor cores): decodes int8 / int4 / fp8 weights with their scales,
-or VQ indices through the codebook, to the activation dtype in registers, again as the left operand.
+or packed b-bit codebook indices through the codebook (k-means, VQ), to the activation dtype in
+registers, again as the left operand.
 
 Tile configs are autotuned per (bucketed M, N, K, group size, format); under ``TRITON_INTERPRET=1``
 a single small config is used (the autotuner needs a GPU to time more than one).
@@ -41,7 +42,7 @@ HOPPER_FLOAT = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
 AMPERE_FLOAT = [(128, 128, 32, 4, 4), (64, 128, 32, 4, 4), (32, 128, 64, 4, 3), (16, 128, 64, 4, 3)]
 INTERPRET_TILE = (32, 32, 32, 4, 1)
 MIN_GROUP = 32  # int8 wgmma needs BLOCK_K >= 32, and a K-step may not cross a group boundary
-VQ_FUSED_MAX_M = 256  # above this many rows, decode the weight once and use the dense matmul
+CODEBOOK_FUSED_MAX_M = 256  # above this many rows, decode the weight once and use the dense matmul
 
 
 def empty_output(shape, device, dtype) -> torch.Tensor:
@@ -98,6 +99,25 @@ def _load_weight(w_ptr, rn, k0, K, KP, stride_wn, BLOCK_K: tl.constexpr, BITS: t
         ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
         w = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=rk[None, :] < K, other=0.0)
     return w
+
+
+@triton.jit
+def _load_codes(w_ptr, rn, k0, K, stride_wn, BLOCK_K: tl.constexpr, BITS: tl.constexpr, CB_DIM: tl.constexpr):
+    """Codebook index ``u`` of each weight in columns ``k0 ...`` (int32 ``[BLOCK_N, BLOCK_K]``; a
+    sub-vector's index is read once per column). quantizers.pack_bits makes each row one little-endian
+    bit stream, index j at bits ``j*b ... j*b + b - 1``: for b <= 8 that spans at most two bytes."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    bit = (rk // CB_DIM) * BITS
+    shift = (bit % 8)[None, :]
+    in_k = (rk < K)[None, :]
+    ptrs = w_ptr + rn[:, None] * stride_wn + (bit // 8)[None, :]
+    word = tl.load(ptrs, mask=in_k, other=0).to(tl.int32) & 0xFF
+    if 8 % BITS != 0:  # widths that do not divide 8 straddle byte boundaries
+        word |= (tl.load(ptrs + 1, mask=in_k & (shift + BITS > 8), other=0).to(tl.int32) & 0xFF) << 8
+    u = (word >> shift) & ((1 << BITS) - 1)
+    if BITS == 8:  # stored as int8 u - 128 (pack_bits keeps 8-bit values signed)
+        u = u ^ 128
+    return u
 
 
 @triton.jit
@@ -167,14 +187,15 @@ def _scaled_gemm_kernel(
 def _dequant_gemm_kernel(
     x_ptr, w_ptr, sw_ptr, zw_ptr, cb_ptr, b_ptr, y_ptr,
     M, N, K, KP, GS, M_BUCKET,
-    stride_xm, stride_wn, stride_swn, stride_swg, stride_zn, stride_zg, stride_ym,
-    BITS: tl.constexpr, VQ_DIM: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    stride_xm, stride_wn, stride_swn, stride_swg, stride_zn, stride_zg, stride_cbn, stride_ym,
+    BITS: tl.constexpr, CB_DIM: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Y = X · decode(W)ᵀ with 16-bit MMAs. VQ_DIM > 0: ``w_ptr`` holds uint8 codebook indices
-    ``[N, ceil(K / VQ_DIM)]`` into ``cb_ptr [entries, VQ_DIM]``; else integer / fp8 values with
-    scales ``[N, G]``. UPCAST (interpreter only) runs the dot in fp32: interpreted bf16 dots are wrong."""
+    """Y = X · decode(W)ᵀ with 16-bit MMAs. CB_DIM > 0: ``w_ptr`` holds BITS-bit packed codebook indices
+    ``[N, packed_width(K / CB_DIM, BITS)]`` into ``cb_ptr [R, 2^BITS, CB_DIM]`` (row stride
+    ``stride_cbn``: 0 for one codebook per layer); else integer / fp8 values with scales ``[N, G]``.
+    UPCAST (interpreter only) runs the dot in fp32: interpreted bf16 dots are wrong."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
     rn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
@@ -183,11 +204,10 @@ def _dequant_gemm_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = _load_x(x_ptr, rm, k0, K, stride_xm, BLOCK_K, EVEN_K)
-        if VQ_DIM > 0:
-            rk = k0 + tl.arange(0, BLOCK_K)
-            code = tl.load(w_ptr + rn[:, None] * stride_wn + (rk // VQ_DIM)[None, :],
-                           mask=rk[None, :] < K, other=0).to(tl.int32)
-            w = tl.load(cb_ptr + code * VQ_DIM + (rk % VQ_DIM)[None, :]).to(tl.float32)
+        if CB_DIM > 0:
+            u = _load_codes(w_ptr, rn, k0, K, stride_wn, BLOCK_K, BITS, CB_DIM)
+            sub = (k0 + tl.arange(0, BLOCK_K)) % CB_DIM
+            w = tl.load(cb_ptr + rn[:, None] * stride_cbn + u * CB_DIM + sub[None, :]).to(tl.float32)
         else:
             w = _load_weight(w_ptr, rn, k0, K, KP, stride_wn, BLOCK_K, BITS, EVEN_K).to(tl.float32)
             if HAS_ZERO:
@@ -207,7 +227,7 @@ _scaled_gemm = triton.autotune(
     prune_configs_by={"early_config_prune": _prune},
 )(triton.heuristics({"EVEN_K": _even_k})(_scaled_gemm_kernel))
 _dequant_gemm = triton.autotune(
-    configs=_configs(HOPPER_FLOAT if _hopper() else AMPERE_FLOAT), key=_KEY + ["BITS", "VQ_DIM"],
+    configs=_configs(HOPPER_FLOAT if _hopper() else AMPERE_FLOAT), key=_KEY + ["BITS", "CB_DIM"],
     prune_configs_by={"early_config_prune": _prune},
 )(triton.heuristics({"EVEN_K": _even_k})(_dequant_gemm_kernel))
 
@@ -276,10 +296,12 @@ def fp8_gemm_triton(xq, x_scale, weight, w_scale, bias, *, out_dtype):
                           in_features=xq.shape[1], out_dtype=out_dtype)
 
 
-def _launch_dequant(x, weight, w_scale, w_zero, codebook, bias, *, bits, vq_dim, in_features):
+def _launch_dequant(x, weight, w_scale, w_zero, codebook, bias, *, bits, in_features):
     x = x.contiguous()
     m, n, k = x.shape[0], weight.shape[0], in_features
     groups = w_scale.shape[1] if w_scale is not None else 1
+    cb_dim = codebook.shape[-1] if codebook is not None else 0
+    cb_stride = codebook.stride(0) if codebook is not None and codebook.shape[0] > 1 else 0
     y = empty_output((m, n), x.device, x.dtype)
     if m == 0:
         return y
@@ -287,8 +309,8 @@ def _launch_dequant(x, weight, w_scale, w_zero, codebook, bias, *, bits, vq_dim,
         x, weight, w_scale if w_scale is not None else codebook, w_zero if w_zero is not None else x,
         codebook if codebook is not None else x, bias if bias is not None else x, y,
         m, n, k, weight.shape[1], k // groups, _m_bucket(m),
-        x.stride(0), weight.stride(0), *_group_strides(w_scale), *_group_strides(w_zero), y.stride(0),
-        BITS=bits, VQ_DIM=vq_dim, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None,
+        x.stride(0), weight.stride(0), *_group_strides(w_scale), *_group_strides(w_zero), cb_stride, y.stride(0),
+        BITS=bits, CB_DIM=cb_dim, HAS_ZERO=w_zero is not None, HAS_BIAS=bias is not None,
         UPCAST=INTERPRET and x.dtype == torch.bfloat16,
     )
     return y
@@ -306,16 +328,16 @@ def weight_only_linear(x: Tensor, weight: Tensor, w_scale: Tensor, w_zero: Optio
         return reference.weight_only_linear(
             x, weight, w_scale, w_zero, bias, bits=bits, weight_format=weight_format, in_features=in_features,
             smooth=smooth, rotation_signs=rotation_signs, rotation_block=rotation_block)
-    return _launch_dequant(x, weight, w_scale.float(), w_zero, None, bias, bits=bits, vq_dim=0,
-                           in_features=in_features)
+    return _launch_dequant(x, weight, w_scale.float(), w_zero, None, bias, bits=bits, in_features=in_features)
 
 
-def vq_linear(x: Tensor, indices: Tensor, codebook: Tensor, bias: Optional[Tensor], *, d: int,
-              in_features: int) -> Tensor:
-    """Triton ``reference.vq_linear``: codebook decode fused into the GEMM for small M; for large M
-    the weight is decoded once and the dense matmul runs (VQ saves memory, not time, at large M)."""
-    if x.shape[0] > VQ_FUSED_MAX_M:
-        w = reference.vq_decode(indices, codebook, in_features).to(x.dtype)
+def codebook_linear(x: Tensor, indices: Tensor, codebook: Tensor, bias: Optional[Tensor], *, bits: int,
+                    in_features: int) -> Tensor:
+    """Triton ``reference.codebook_linear``: the packed-index decode and codebook gather fused into the
+    GEMM for small M; for large M the weight is decoded once and the dense matmul runs (a codebook
+    weight saves memory, not time, at large M)."""
+    if x.shape[0] > CODEBOOK_FUSED_MAX_M:
+        w = reference.codebook_decode(indices, codebook, bits=bits, in_features=in_features).to(x.dtype)
         return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
-    return _launch_dequant(x, indices.contiguous(), None, None, codebook.contiguous(), bias, bits=8, vq_dim=d,
+    return _launch_dequant(x, indices.contiguous(), None, None, codebook.contiguous(), bias, bits=bits,
                            in_features=in_features)

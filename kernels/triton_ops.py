@@ -58,4 +58,4 @@ _register(aq.act_quant_fp8, lambda x, *a, **k: _quantized(x, 1, torch.float8_e4m
 _register(gm.int_gemm, lambda xq, xs, weight, *a, out_dtype, **k: _product(xq, weight, out_dtype))
 _register(gm.fp8_gemm, lambda xq, xs, weight, *a, out_dtype, **k: _product(xq, weight, out_dtype))
 _register(gm.weight_only_linear, lambda x, weight, *a, **k: _product(x, weight, x.dtype), _weight_only_linear)
-_register(gm.vq_linear, lambda x, indices, *a, **k: _product(x, indices, x.dtype))
+_register(gm.codebook_linear, lambda x, indices, *a, **k: _product(x, indices, x.dtype))

@@ -55,9 +55,12 @@ def cases():
     fptrs = {"x_ptr": "*bf16", "sw_ptr": "*fp32", "zw_ptr": "*fp32", "cb_ptr": "*fp16", "b_ptr": "*bf16",
              "y_ptr": "*bf16"}
     yield "w4a16 group", gm._dequant_gemm_kernel, {**fptrs, "w_ptr": "*u8"}, \
-        {**base, **ftile, "BITS": 4, "VQ_DIM": 0, "HAS_ZERO": True, "UPCAST": False}, w, s
-    yield "vq d4", gm._dequant_gemm_kernel, {**fptrs, "w_ptr": "*u8"}, \
-        {**base, **ftile, "BITS": 8, "VQ_DIM": 4, "HAS_ZERO": False, "UPCAST": False}, w, s
+        {**base, **ftile, "BITS": 4, "CB_DIM": 0, "HAS_ZERO": True, "UPCAST": False}, w, s
+    # codebook weights: 6-bit indices straddle bytes (two loads), 8-bit ones are int8 (one load)
+    yield "codebook b6 d2", gm._dequant_gemm_kernel, {**fptrs, "w_ptr": "*u8"}, \
+        {**base, **ftile, "BITS": 6, "CB_DIM": 2, "HAS_ZERO": False, "UPCAST": False}, w, s
+    yield "codebook b8 d4", gm._dequant_gemm_kernel, {**fptrs, "w_ptr": "*i8"}, \
+        {**base, **ftile, "BITS": 8, "CB_DIM": 4, "HAS_ZERO": False, "UPCAST": False}, w, s
     yield "act_quant rot128 k1152", aq._act_quant_kernel, \
         {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "smooth_ptr": "*fp32", "signs_ptr": "*i8",
          "static_ptr": "*fp32"}, \

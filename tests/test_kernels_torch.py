@@ -1,4 +1,4 @@
-"""Kernel dispatch, the VQ reference, torch.compile of the quantized forward, and the CPU-safe parts
+"""Kernel dispatch, the codebook reference, torch.compile of the quantized forward, and the CPU-safe parts
 of the GPU benchmarks. None of this needs Triton."""
 import importlib.util
 from pathlib import Path
@@ -25,22 +25,29 @@ def test_dispatch_backends(monkeypatch):
     monkeypatch.setenv("DITQ_KERNELS", "torch")
     assert dispatch.op("int_gemm", torch.device("cpu")) is ref.int_gemm
     monkeypatch.setenv("DITQ_KERNELS", "auto")  # CPU tensors never need Triton
-    assert dispatch.op("vq_linear", torch.device("cpu")) is ref.vq_linear
+    assert dispatch.op("codebook_linear", torch.device("cpu")) is ref.codebook_linear
     monkeypatch.setenv("DITQ_KERNELS", "cuda")
     with pytest.raises(ValueError, match="DITQ_KERNELS"):
         dispatch.op("int_gemm", torch.device("cpu"))
 
 
-def test_vq_linear_reference_known_answer():
-    codebook = torch.tensor([[1.0, 2.0], [0.0, -1.0], [0.5, 0.5]], dtype=torch.float16)
-    idx = torch.tensor([[0, 2, 1], [1, 1, 0]], dtype=torch.uint8)  # K = 5: last sub-vector cut to 1
-    x = torch.tensor([[1.0, 1.0, 2.0, 2.0, 3.0]])
-    w = torch.tensor([[1.0, 2.0, 0.5, 0.5, 0.0], [0.0, -1.0, 0.0, -1.0, 1.0]])
+def test_codebook_linear_reference_known_answer():
+    """3-bit indices packed by hand (one little-endian bit stream per row, index 2 straddles bytes
+    0 and 1) into one codebook of 8 two-long entries ``[i, i/2 - 1]``."""
+    from ditq import kernels
+
+    codebook = torch.tensor([[[i, i / 2 - 1] for i in range(8)]], dtype=torch.float16)
+    # row 0: u = 5, 3, 6 -> 5 + 3*8 + 6*64 = 413 = 0x19D; row 1: u = 0, 7, 1 -> 56 + 64 = 120
+    idx = torch.tensor([[0x9D, 0x01, 0], [120, 0, 0]], dtype=torch.uint8)
+    x = torch.tensor([[1.0, 1.0, 2.0, 2.0, 3.0, -1.0]])
+    w = torch.tensor([[5.0, 1.5, 3.0, 0.5, 6.0, 2.0], [0.0, -1.0, 7.0, 2.5, 1.0, -0.5]])
     bias = torch.tensor([0.25, -0.5])
-    y = ref.vq_linear(x, idx, codebook, bias, d=2, in_features=5)
-    assert torch.equal(y, x @ w.t() + bias)
-    with pytest.raises(ValueError, match="d=3"):
-        ref.vq_linear(x, idx, codebook, bias, d=3, in_features=5)
+    y = ref.codebook_linear(x, idx, codebook, bias, bits=3, in_features=6)
+    assert torch.equal(y, x @ w.t() + bias) and torch.equal(y, torch.tensor([[29.75, 21.0]]))
+    with pytest.raises(ValueError, match="in_features=18"):  # 9 indices would need 6 bytes per row
+        kernels.codebook_linear(x.repeat(1, 3), indices=idx, codebook=codebook, bits=3, in_features=18)
+    with pytest.raises(ValueError, match="4-bit"):
+        kernels.codebook_linear(x, indices=idx, codebook=codebook, bits=4, in_features=6)
 
 
 @pytest.mark.parametrize("scheme", [

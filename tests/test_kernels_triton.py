@@ -163,7 +163,7 @@ def test_fp8_gemm():
         assert rel_err(y, ref.fp8_gemm(xq, sx, wq, sw, bias, out_dtype=torch.float32)) < 1e-6
 
 
-# -- weight-only and VQ ---------------------------------------------------------------------------
+# -- weight-only and codebook ------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["int8", "int4-g32-asym", "fp8"])
 def test_weight_only_linear(dtype, fmt):
@@ -181,16 +181,29 @@ def test_weight_only_linear(dtype, fmt):
     assert rel_err(y, y_ref) < (2e-2 if dtype == torch.bfloat16 else 3e-3)
 
 
-@pytest.mark.parametrize("d", [4, 3])
-def test_vq_linear(d):
-    x, bias = rand(M, K, seed=60, dtype=torch.float16), rand(N, seed=61)
-    codebook = rand(256, d, seed=62, dtype=torch.float16)
-    idx = torch.randint(0, 256, (N, -(-K // d)), generator=gen(63), dtype=torch.uint8)
-    y = gm.vq_linear(x, idx, codebook, bias, d=d, in_features=K)
-    assert rel_err(y, ref.vq_linear(x, idx, codebook, bias, d=d, in_features=K)) < 3e-3
-    big = rand(gm.VQ_FUSED_MAX_M + 3, K, seed=64, dtype=torch.float32)  # decode-then-matmul path
-    y = gm.vq_linear(big, idx, codebook, bias, d=d, in_features=K)
-    assert rel_err(y, ref.vq_linear(big, idx, codebook, bias, d=d, in_features=K)) < 1e-5
+def codebook_weight(n, k_in, bits, dim, rows, seed):
+    """Packed indices and an fp16 codebook ``[rows, 2^bits, dim]`` as CodebookLinear stores them."""
+    u = torch.randint(0, 2**bits, (n, k_in // dim), generator=gen(seed))
+    codebook = rand(rows, 2**bits, dim, seed=seed + 1, dtype=torch.float16)
+    return qz.pack_bits((u - 2 ** (bits - 1)).to(torch.int8), bits), codebook
+
+
+@pytest.mark.parametrize("dim", [1, 2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_codebook_linear(bits, dim):
+    k = 100  # not a multiple of the K-step; K / dim = 100, 50, 25 indices: rows padded to 8 indices
+    for rows in (1, N):
+        idx, codebook = codebook_weight(N, k, bits, dim, rows, seed=60 + bits * dim + rows)
+        for dtype, bias in ((torch.float32, rand(N, seed=61)), (torch.bfloat16, None)):
+            x = rand(M, k, seed=62 + rows, dtype=dtype)
+            y = gm.codebook_linear(x, idx, codebook, bias, bits=bits, in_features=k)
+            assert y.dtype == dtype
+            y_ref = ref.codebook_linear(x, idx, codebook, bias, bits=bits, in_features=k)
+            # fp32: an IEEE dot of the exact fp16 entries; bf16: the entries are rounded to bf16 first
+            assert rel_err(y, y_ref) < (1e-5 if dtype == torch.float32 else 2e-2), (rows, dtype)
+    big = rand(gm.CODEBOOK_FUSED_MAX_M + 3, k, seed=64)  # decode-then-matmul path
+    y = gm.codebook_linear(big, idx, codebook, bias, bits=bits, in_features=k)
+    assert rel_err(y, ref.codebook_linear(big, idx, codebook, bias, bits=bits, in_features=k)) < 1e-5
 
 
 # -- through QuantLinear -------------------------------------------------------------------------
@@ -239,9 +252,29 @@ def test_quant_linear_triton_under_torch_compile(monkeypatch):
     torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_codebook_layer_triton_equals_torch(act_bits, monkeypatch):
+    """CodebookLinear (VQ4DiT's weight-only layer; Qua²SeDiMo's with per-token int8 activations)
+    dispatches to the Triton kernel, eagerly and as one opaque op under torch.compile."""
+    from ditq.quant_core.layers import CodebookLinear
+
+    idx = torch.randint(0, 64, (N, K // 2), generator=gen(90))
+    layer = CodebookLinear.from_codes(idx, rand(1, 64, 2, seed=91), rand(N, seed=92), name="cb",
+                                      act_bits=act_bits).half()
+    x = rand(2, 19, K, seed=93, dtype=torch.float16)
+    monkeypatch.setenv("DITQ_KERNELS", "torch")
+    y_torch = layer(x)
+    monkeypatch.setenv("DITQ_KERNELS", "triton")
+    y_triton = layer(x)
+    assert y_triton.shape == (2, 19, N) and y_triton.dtype == torch.float16
+    assert rel_err(y_triton, y_torch) < 3e-3
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), y_triton, rtol=0, atol=0)
+
+
 # -- compile-only for Hopper -------------------------------------------------------------------
-SM90_CASES = ["w8a8 128x256x128 w8 s4", "w4a8 group asym", "fp8", "w4a16 group", "vq d4",
-              "act_quant rot128 k1152"]
+SM90_CASES = ["w8a8 128x256x128 w8 s4", "w4a8 group asym", "fp8", "w4a16 group", "codebook b6 d2",
+              "codebook b8 d4", "act_quant rot128 k1152"]
 
 
 def test_kernels_compile_for_sm90():
@@ -256,12 +289,12 @@ def test_kernels_compile_for_sm90():
         assert "error" not in r, f"{name}: {r.get('error')}"
         assert r["shared"] <= 232448, f"{name}: {r['shared']} B of shared memory exceeds sm_90's 227 KB"
     expect = {"w8a8 128x256x128 w8 s4": "s32.s8.s8", "w4a8 group asym": "s32.s8.s8", "fp8": "f32.e4m3.e4m3",
-              "w4a16 group": "f32.bf16.bf16", "vq d4": "f32.bf16.bf16"}
+              "w4a16 group": "f32.bf16.bf16", "codebook b6 d2": "f32.bf16.bf16", "codebook b8 d4": "f32.bf16.bf16"}
     for name, suffix in expect.items():
         r = results[name]
         assert r["wgmma"] and all(i.endswith(suffix) for i in r["wgmma"]), f"{name}: {r['wgmma']}"
         assert r["cp_async"] and not r["mma_sync"], f"{name}: not a pipelined wgmma main loop"
-    for name in ("w4a8 group asym", "w4a16 group", "vq d4"):  # decoded weight stays in registers
+    for name in ("w4a8 group asym", "w4a16 group", "codebook b6 d2", "codebook b8 d4"):  # decoded in registers
         assert results[name]["wgmma_a"] == ["RS"], f"{name}: {results[name]['wgmma_a']}"
 
 
