@@ -60,11 +60,11 @@ class VQ4DiTOptions:
     ratio_loss: str = "abs"            # "abs" (paper eq. 9) | "quadratic" (code)
     lambda_d: float = 1.0
     lambda_r: float = 1.0
-    steps: int = 500                   # optimizer steps, one per replayed teacher call
-    harden_at: float = 0.8             # fraction of steps after which all layers are hardened
+    steps: int = 600                   # optimizer steps, one per replayed teacher call
+    harden_at: float = 0.5             # fraction of steps after which all layers are hardened
     freeze_threshold: float = 0.99     # a sub-vector freezes once its top ratio exceeds this
     harden_fraction: float = 0.99      # a layer hardens once this fraction of sub-vectors is frozen
-    lr_ratio: float = 5e-3             # RMSprop lr of the ratio logits (code: 5e-2, overshoots here)
+    lr_ratio: float = 5e-3             # RMSprop lr of the ratio logits (code: 5e-2; with "abs" it overshoots)
     lr_codebook: float = 1e-4          # ... of codebooks and biases (code)
     rmsprop_alpha: float = 0.9
     kmeans_iters: int = 100
@@ -444,5 +444,12 @@ class VQ4DiT:
             ctx.replace(name, soft.to_codebook_linear(name, dtype))
 
 
-register_preset("vq4dit-w2", lambda: QuantConfig(method="vq4dit", weight_bits=2, act_bits=None), quick=False)
-register_preset("vq4dit-w3", lambda: QuantConfig(method="vq4dit", weight_bits=3, act_bits=None), quick=False)
+# The presets take the released code's ratio init, regulariser and ratio lr (keeping the paper's n = 3):
+# eq. 9 has no gradient while every ratio is below 0.5, so from the paper's uniform (or any n = 3
+# distance) init the ratios stay soft for hundreds of steps and hardening then picks worse codewords
+# than the nearest; the quadratic form pushes them to one-hot from the start (docs/vq4dit.md table).
+PRESET_OPTIONS = {"ratio_init": "distance", "ratio_loss": "quadratic", "lr_ratio": 5e-2}
+register_preset("vq4dit-w2", lambda: QuantConfig(method="vq4dit", weight_bits=2, act_bits=None,
+                                                 options=dict(PRESET_OPTIONS)), quick=False)
+register_preset("vq4dit-w3", lambda: QuantConfig(method="vq4dit", weight_bits=3, act_bits=None,
+                                                 options=dict(PRESET_OPTIONS)), quick=False)
