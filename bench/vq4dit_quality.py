@@ -21,7 +21,6 @@ import argparse
 import copy
 import datetime
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -85,18 +84,11 @@ def configs(args):
             yield f"vq4dit-w{bits} paper defaults: uniform init, eq. 9 ({args.steps} steps)", vq(steps=args.steps)
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=HERE).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main(argv=None) -> int:
     from ditq import quantize
     from ditq.quant_core import builtin, metrics
     from ditq.quant_core.methods import vq4dit
+    from quality import git_commit  # bench/ is on sys.path when run as a script
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="pixart,stress,dit")
