@@ -21,15 +21,15 @@ def _quantize(args) -> int:
     from .demo import load_pipeline
     from .quant_core.calibration import calibrate
     from .quant_core.config import QuantConfig
-    from .quant_core.methods import get_method
-    from .quant_core.prompts import load_prompts
+    from .quant_core.methods import calibration_needs
+    from .evaluation.prompts import load_prompts
     from .quant_core.quantize import quantize
     from .quant_core.serialization import save_quantized
 
     cfg = QuantConfig.from_json(Path(args.config).read_text()) if args.config else QuantConfig.preset(args.preset)
     pipe, call = load_pipeline(args.model, getattr(torch, args.dtype))
     pipe.set_progress_bar_config(disable=True)
-    needs = get_method(cfg.method).needs(cfg)
+    needs = calibration_needs(cfg)
     calib = None
     if needs:
         extra = {k: v for k, v in call.items() if k != "num_inference_steps"}

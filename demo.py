@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from .quant_core.builtin import PIXART_CALL, tiny_pixart_pipeline
+from .evaluation.builtin import PIXART_CALL, tiny_pixart_pipeline
 from .quant_core.config import QuantConfig
-from .quant_core.evaluation import compare_presets, image_grid, markdown_table
-from .quant_core.prompts import load_prompts
+from .evaluation.compare import compare_presets, image_grid, markdown_table
+from .evaluation.prompts import load_prompts
 
 
 def load_pipeline(model: str | None, dtype: torch.dtype = torch.float32):

@@ -3,9 +3,9 @@ Usage: PYTHONPATH=<dir containing ditq> python3 bench/q_dit_tiny.py dit|pixart""
 import copy, time, sys, torch
 torch.set_num_threads(2)
 from ditq import QuantConfig, calibrate, quantize
-from ditq.quant_core import builtin
-from ditq.quant_core.fitness import capture_model_inputs, OutputFidelity
-from ditq.quant_core.methods.q_dit import search_group_sizes, SMALL_SEARCH
+from ditq.evaluation import builtin
+from ditq.quant_core.passes.fitness import capture_model_inputs, OutputFidelity
+from ditq.quant_core.methods.q_dit.method import search_group_sizes, SMALL_SEARCH
 import math
 which = sys.argv[1]
 if which == "dit":

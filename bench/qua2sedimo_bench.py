@@ -33,10 +33,10 @@ def rtn_point(pipe, bits: int, symmetric: bool, labeller, include) -> tuple[floa
 
 def run(name: str, pipe, args, out: Path) -> dict:
     from ditq import QuantConfig, quantize
-    from ditq.quant_core import qua2sedimo_search as qs
-    from ditq.quant_core.builtin import PIXART_CALL
-    from ditq.quant_core.fitness import SampleFidelity
-    from ditq.quant_core.methods.qua2sedimo import search
+    from ditq.quant_core.methods.qua2sedimo import search as qs
+    from ditq.evaluation.builtin import PIXART_CALL
+    from ditq.quant_core.passes.fitness import SampleFidelity
+    from ditq.quant_core.methods.qua2sedimo.method import search
 
     cfg = QuantConfig.preset("qua2sedimo-w3.5")
     cfg.options.update(num_configs=args.configs, epochs=args.epochs)
@@ -84,7 +84,7 @@ def main():
     p.add_argument("--out", default="bench/results/qua2sedimo")
     p.add_argument("--models", default="tiny,stress")
     args = p.parse_args()
-    from ditq.quant_core import builtin
+    from ditq.evaluation import builtin
 
     out = Path(args.out)
     rows = []

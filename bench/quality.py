@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from ditq.quant_core import builtin
+from ditq.evaluation import builtin
 from ditq.quant_core.config import QuantConfig
-from ditq.quant_core.evaluation import compare_presets, image_grid, markdown_table, sample
+from ditq.evaluation.compare import compare_presets, image_grid, markdown_table
+from ditq.quant_core.sampling import sample
 from ditq.quant_core.metrics import rel_l2
-from ditq.quant_core.prompts import load_prompts
+from ditq.evaluation.prompts import load_prompts
 
 HERE = Path(__file__).resolve().parent
 # The papers' orderings we check where both presets ran: (model, better, worse, claim).

@@ -25,7 +25,7 @@ PROMPTS = ["a red fox in snow", "a city at night"]
 
 def sample(pipe, steps):
     """(latents, images in [0, 1]) of one seeded run."""
-    from ditq.quant_core.builtin import PIXART_CALL
+    from ditq.evaluation.builtin import PIXART_CALL
 
     kw = dict(PIXART_CALL, num_inference_steps=steps)
     lat = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(0), output_type="latent", **kw).images
@@ -47,7 +47,7 @@ def parse(spec: str):
 
 def evaluate(pipe, presets, steps):
     from ditq import calibrate, quantize
-    from ditq.quant_core.builtin import PIXART_CALL
+    from ditq.evaluation.builtin import PIXART_CALL
     from ditq.quant_core.metrics import psnr, rel_l2
 
     pipe.set_progress_bar_config(disable=True)
@@ -64,7 +64,7 @@ def evaluate(pipe, presets, steps):
 
 
 def main(argv=None):
-    from ditq.quant_core import builtin
+    from ditq.evaluation import builtin
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)

@@ -33,7 +33,7 @@ PROMPTS = ["a red fox in snow", "a city at night", "a bowl of fruit on a wooden 
 
 
 def _run(pipe, kind, output_type):
-    from ditq.quant_core.builtin import DIT_CALL, PIXART_CALL
+    from ditq.evaluation.builtin import DIT_CALL, PIXART_CALL
 
     gen = torch.Generator().manual_seed(0)
     if kind == "dit":
@@ -51,7 +51,7 @@ def outputs(pipe, kind):
 def block_mse(teacher, student, calib) -> float:
     """VQ4DiT's objective on held-out calls: mean over calls and blocks of the block-output MSE."""
     from ditq.quant_core.calibration import decode_model_call
-    from ditq.quant_core.methods.vq4dit import _BlockOutputs
+    from ditq.quant_core.methods.vq4dit.method import _BlockOutputs
 
     losses = []
     with torch.no_grad():
@@ -67,7 +67,7 @@ def block_mse(teacher, student, calib) -> float:
 
 def configs(args):
     from ditq import QuantConfig
-    from ditq.quant_core.methods.vq4dit import PRESET_OPTIONS
+    from ditq.quant_core.methods.vq4dit.method import PRESET_OPTIONS
 
     rtn = lambda bits, **kw: QuantConfig(method="rtn", weight_bits=bits, act_bits=None, **kw)  # noqa: E731
     for bits in (2, 3, 4):
@@ -86,8 +86,9 @@ def configs(args):
 
 def main(argv=None) -> int:
     from ditq import quantize
-    from ditq.quant_core import builtin, metrics
-    from ditq.quant_core.methods import vq4dit
+    from ditq.evaluation import builtin
+    from ditq.quant_core import metrics
+    from ditq.quant_core.methods.vq4dit import method as vq4dit
     from quality import git_commit  # bench/ is on sys.path when run as a script
 
     ap = argparse.ArgumentParser()

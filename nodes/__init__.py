@@ -5,9 +5,6 @@ Only imported inside ComfyUI (from the pack's ``comfy_entrypoint``): the node mo
 """
 from __future__ import annotations
 
-CATEGORY = "ditq"
-
-
 def make_extension():
     """The pack's ComfyExtension; imports ComfyUI's API on call, never at ``import ditq``."""
     from comfy_api.latest import ComfyExtension

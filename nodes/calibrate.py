@@ -6,10 +6,10 @@ from comfy_api.latest import io
 
 from ..quant_core.calibration import CalibrationData
 from ..quant_core.config import QuantConfig
-from ..quant_core.methods import get_method
+from ..quant_core.methods import calibration_needs
 from ..quant_core.models import select_layers
-from . import CATEGORY, comfy_adapter as ad
-from .types import Calibration
+from . import comfy_adapter as ad
+from .types import CATEGORY, Calibration
 
 RUN = "(run calibration)"
 
@@ -17,7 +17,7 @@ RUN = "(run calibration)"
 def needs_for(preset: str) -> tuple[str, ...]:
     """The statistics ``preset``'s method needs, plus per-channel maxima for the heat map."""
     cfg = QuantConfig.preset(preset)
-    return tuple(dict.fromkeys(("act_absmax", *get_method(cfg.method).needs(cfg))))
+    return tuple(dict.fromkeys(("act_absmax", *calibration_needs(cfg))))
 
 
 def heat_map(calib: CalibrationData, cell: int = 8) -> torch.Tensor:

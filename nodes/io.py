@@ -6,7 +6,8 @@ import os
 
 from comfy_api.latest import io
 
-from . import CATEGORY, comfy_adapter as ad
+from . import comfy_adapter as ad
+from .types import CATEGORY
 
 FORMATS = ["ditq", "comfyui-native"]
 

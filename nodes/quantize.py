@@ -4,9 +4,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..quant_core.config import QuantConfig
-from ..quant_core.methods import get_method
-from . import CATEGORY, comfy_adapter as ad
-from .types import Calibration
+from ..quant_core.methods import calibration_needs
+from . import comfy_adapter as ad
+from .types import CATEGORY, Calibration
 
 BITS = ["preset", "8", "6", "4", "3", "2"]
 
@@ -50,7 +50,7 @@ class QuantizeDiT(io.ComfyNode):
     @classmethod
     def execute(cls, model, preset, weight_bits, calibration=None) -> io.NodeOutput:
         cfg = build_config(preset, weight_bits)
-        needs = get_method(cfg.method).needs(cfg)
+        needs = calibration_needs(cfg)
         if needs and calibration is None:
             raise ValueError(f"preset {preset!r} needs calibration statistics {list(needs)}: connect "
                              f"Calibrate DiT (ditq) to the calibration input")

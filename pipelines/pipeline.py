@@ -163,7 +163,7 @@ class QuantizedPipelineMixin:
         fidelity to full precision on the first ``fidelity_prompts`` prompts. Returns the QuantReport."""
         from ..quant_core.calibration import calibrate
         from ..quant_core.config import QuantConfig
-        from ..quant_core.methods import get_method
+        from ..quant_core.methods import calibration_needs
         from ..quant_core.metrics import psnr, ssim
         from ..quant_core.quantize import quantize
 
@@ -174,7 +174,7 @@ class QuantizedPipelineMixin:
         if is_ditq_model(self.transformer):
             raise ValueError("the transformer is already quantized; load the full-precision repo to quantize again")
         prompts = list(prompts or [])
-        needs = get_method(config.method).needs(config)
+        needs = calibration_needs(config)
         if needs and not prompts:
             raise ValueError(f"{config.name or config.method} needs calibration statistics {list(needs)}: "
                              "pass calibration_prompts=[...]")

@@ -14,7 +14,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .evaluation import takes_prompts
+from .sampling import takes_prompts
+from .methods import calibration_needs
 from .models import select_layers
 
 FORMAT_VERSION = 1
@@ -296,23 +297,31 @@ class CalibrationRecorder:
 
 
 def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int = 0, *,
-              needs: Sequence[str] = ("act_absmax",), guidance_scale: float | None = None,
+              config=None, needs: Sequence[str] | None = None, guidance_scale: float | None = None,
               batch_size: int = 1, layers: Iterable[str] | None = None, progress: bool = True,
               stat_options: dict[str, dict] | None = None, **pipe_kwargs) -> CalibrationData:
     """Run the full-precision pipeline once over ``prompts`` and record statistics.
 
     ``prompts`` are strings for text-conditioned pipelines (PixArt) or class labels (ints) for
-    ``DiTPipeline``. ``stat_options`` configures statistics (see :class:`CalibrationRecorder`).
+    ``DiTPipeline``. What is recorded: ``needs`` if given, else what ``config``'s method needs (nothing,
+    and no sampling, for a method that quantizes from the weights alone), else per-channel activation
+    maxima. ``stat_options`` configures statistics (see :class:`CalibrationRecorder`).
     Returns :class:`CalibrationData`; the pipeline is left unchanged.
 
-    >>> calib = calibrate(pipe, ["a red fox in snow"], num_inference_steps=20, seed=0)
+    >>> calib = calibrate(pipe, ["a red fox in snow"], num_inference_steps=20, seed=0, config=cfg)
     >>> calib.save("calib.safetensors")
     """
     from tqdm.auto import tqdm
 
     if not prompts:
         raise ValueError("calibrate needs at least one prompt or class label")
+    if needs is None:
+        needs = calibration_needs(config) if config is not None else ("act_absmax",)
     model = pipe.transformer
+    meta = {"model": type(model).__name__, "num_prompts": len(prompts), "num_inference_steps": num_inference_steps,
+            "seed": seed, "needs": list(needs), "stat_options": stat_options or {}}
+    if not needs:
+        return CalibrationData({}, torch.zeros(0), meta, None)
     layers = list(layers) if layers is not None else list(select_layers(model))
     batches = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
     bar = tqdm(total=len(batches) * num_inference_steps, desc="calibrate", disable=not progress)
@@ -337,6 +346,4 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
                          output_type="np", **kwargs)
     finally:
         bar.close()
-    return rec.result({"model": type(model).__name__, "num_prompts": len(prompts),
-                       "num_inference_steps": num_inference_steps, "seed": seed, "needs": list(needs),
-                       "stat_options": stat_options or {}})
+    return rec.result(meta)

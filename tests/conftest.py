@@ -14,7 +14,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def builtin():
-    from ditq.quant_core import builtin
+    from ditq.evaluation import builtin
 
     return builtin
 
@@ -62,7 +62,7 @@ def fresh():
 def generate(pipe, prompt="a red fox in snow", seed=0, output_type="pt", steps=6):
     """Run the tiny PixArt pipeline deterministically (shared by tests via ``from conftest import``
     is not possible under importlib mode, so tests use the ``run_pipe`` fixture)."""
-    from ditq.quant_core.builtin import PIXART_CALL
+    from ditq.evaluation.builtin import PIXART_CALL
 
     kw = dict(PIXART_CALL, num_inference_steps=steps)
     return pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type=output_type, **kw).images

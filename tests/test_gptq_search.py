@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ditq.quant_core import quantizers as qz
-from ditq.quant_core.fitness import frechet_distance
-from ditq.quant_core.gptq import gptq, hessian
-from ditq.quant_core.search import EvolutionSettings, evolutionary_search
+from ditq.quant_core.passes.fitness import frechet_distance
+from ditq.quant_core.passes.gptq import gptq, hessian
+from ditq.quant_core.passes.evolution import EvolutionSettings, evolutionary_search
 
 
 def obs_reference(w, h, bits, symmetric, group_size, damp):

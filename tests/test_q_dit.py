@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from ditq import QuantConfig, calibrate, load_quantized, quantize, save_quantized
-from ditq.quant_core.fitness import OutputFidelity, capture_model_inputs
+from ditq.quant_core.passes.fitness import OutputFidelity, capture_model_inputs
 from ditq.quant_core.layers import QuantLinear
-from ditq.quant_core.methods.q_dit import candidates_for, search_group_sizes
-from ditq.quant_core.search import EvolutionSettings
+from ditq.quant_core.methods.q_dit.method import candidates_for, search_group_sizes
+from ditq.quant_core.passes.evolution import EvolutionSettings
 
 STEPS = 4
 
@@ -113,7 +113,7 @@ def test_q_dit_option_errors(dit_pipe, fresh):
 
 def test_fid_fitness_with_stand_in_features(dit_pipe, builtin, fresh):
     """The FID hook end to end with a small feature extractor (Inception weights are not offline)."""
-    from ditq.quant_core.fitness import FIDFitness
+    from ditq.quant_core.passes.fitness import FIDFitness
 
     pool = lambda imgs: torch.nn.functional.adaptive_avg_pool2d(imgs, 2).flatten(1)
     fit = FIDFitness(dit_pipe, list(range(4)), dict(num_inference_steps=2, guidance_scale=4.0), pool)

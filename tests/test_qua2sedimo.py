@@ -17,7 +17,7 @@ SMALL = dict(num_configs=12, folds=2, epochs=8, label_steps=2, label_prompts=["a
 
 @pytest.fixture(scope="module")
 def searched(tiny_pipe, tmp_path_factory):
-    from ditq.quant_core.methods.qua2sedimo import search
+    from ditq.quant_core.methods.qua2sedimo.method import search
 
     cfg = QuantConfig.preset("qua2sedimo-w3.5")
     cfg.include = [r"transformer_blocks\.0\.", r"^proj_out$", r"^caption_projection\."]
@@ -48,8 +48,8 @@ def test_search_hits_budget_and_writes_insights(searched):
 
 
 def test_resume_reuses_labels_and_options(searched):
-    from ditq.quant_core import qua2sedimo_search as qs
-    from ditq.quant_core.qua2sedimo_options import OptionBank
+    from ditq.quant_core.methods.qua2sedimo import search as qs
+    from ditq.quant_core.methods.qua2sedimo.options import OptionBank
 
     cfg, result, work = searched
     bank = OptionBank.load(work / "options.safetensors")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from ditq.kernels import reference
-from ditq.quant_core import gnn
-from ditq.quant_core import qua2sedimo_search as qs
+from ditq.quant_core.methods.qua2sedimo import gnn
+from ditq.quant_core.methods.qua2sedimo import search as qs
 from ditq.quant_core.layers import CodebookLinear
-from ditq.quant_core.qua2sedimo_options import Option, build_option, kmeans_1d, option_grid, uaq_quantize
+from ditq.quant_core.methods.qua2sedimo.options import Option, build_option, kmeans_1d, option_grid, uaq_quantize
 from ditq.quant_core.quantizers import dequantize, packed_width
 
 
@@ -100,7 +100,7 @@ def test_options_error_falls_with_bits_and_sizes_are_honest():
 
 def test_layer_graph_follows_pixart_data_flow(tiny_pipe):
     from ditq.quant_core.models import select_layers
-    from ditq.quant_core.qua2sedimo_graph import build_graph
+    from ditq.quant_core.methods.qua2sedimo.graph import build_graph
     from ditq import QuantConfig
 
     layers = select_layers(tiny_pipe.transformer, QuantConfig(method="rtn", act_bits=None, include=[".*"]))
@@ -202,7 +202,7 @@ def test_predictor_learns_a_graph_target(one_thread):
 
 
 def _scored(costs_scores):
-    from ditq.quant_core.qua2sedimo_graph import Subgraph
+    from ditq.quant_core.methods.qua2sedimo.graph import Subgraph
 
     out = []
     for k, (nbytes, scores) in enumerate(costs_scores):

@@ -10,14 +10,14 @@ from torch import nn
 
 from ditq import QuantConfig, calibrate, load_quantized, quantize, save_quantized
 from ditq.kernels import reference
-from ditq.quant_core import rotation, smoothing
+from ditq.quant_core.passes import rotation, smoothing
 from ditq.quant_core.config import LayerScheme
 from ditq.quant_core.layers import QuantLinear
 from ditq.quant_core.metrics import psnr, sqnr
-from ditq.quant_core.methods.vidit_q import analyze_sensitivity, paper_bit_plan
+from ditq.quant_core.methods.vidit_q.method import analyze_sensitivity, paper_bit_plan
 from ditq.quant_core.models import select_layers
-from ditq.quant_core.sensitivity import SensitivityReport
-from ditq.quant_core.switching import TimestepSwitchLinear, range_index, timestep_boundaries
+from ditq.quant_core.methods.vidit_q.sensitivity import SensitivityReport
+from ditq.quant_core.methods.vidit_q.switching import TimestepSwitchLinear, range_index, timestep_boundaries
 
 W8A8 = LayerScheme(weight_bits=8, act_bits=8)
 

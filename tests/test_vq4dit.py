@@ -11,7 +11,7 @@ FEW = [r"transformer_blocks\.0\.attn1\.to_q$", r"transformer_blocks\.0\.ff\.net\
 
 @pytest.fixture(scope="module")
 def vq():
-    from ditq.quant_core.methods import vq4dit
+    from ditq.quant_core.methods.vq4dit import method as vq4dit
 
     return vq4dit
 
@@ -85,7 +85,7 @@ def test_calibration_resumes_exactly(tiny_pipe, trajectory, fresh, tmp_path, vq)
 
 def test_dit_zero_data_labels(dit_pipe, fresh, vq):
     from ditq import quantize
-    from ditq.quant_core.builtin import DIT_CALL
+    from ditq.evaluation.builtin import DIT_CALL
     from ditq.quant_core.layers import CodebookLinear
 
     calib = vq.zero_data_calibration(dit_pipe, num_samples=2, num_inference_steps=2, progress=False,

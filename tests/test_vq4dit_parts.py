@@ -10,7 +10,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def km():
-    from ditq.quant_core import kmeans
+    from ditq.quant_core.passes import kmeans
 
     return kmeans
 
@@ -69,7 +69,7 @@ def test_kmeans_rejects_bad_input(km):
 
 
 def test_codebook_clamp_bit_goes_down():
-    from ditq.quant_core.methods.vq4dit import clamp_codebook_size
+    from ditq.quant_core.methods.vq4dit.method import clamp_codebook_size
 
     assert clamp_codebook_size(256, 16384) == 256          # 256x256 layer, d=4
     assert clamp_codebook_size(256, 512) == 128            # at most one codeword per 4 sub-vectors
@@ -123,7 +123,7 @@ def test_vq_layer_keeps_storage_dtypes_and_checks_codes():
 
 
 def _soft(ratio_init="uniform", n=3):
-    from ditq.quant_core.methods.vq4dit import SoftVQLinear
+    from ditq.quant_core.methods.vq4dit.method import SoftVQLinear
 
     g = torch.Generator().manual_seed(1)
     lin = torch.nn.Linear(8, 4)
@@ -182,7 +182,7 @@ def test_freezing_and_hardening_thresholds():
 
 def test_options_are_validated():
     from ditq import QuantConfig
-    from ditq.quant_core.methods.vq4dit import VQ4DiTOptions
+    from ditq.quant_core.methods.vq4dit.method import VQ4DiTOptions
 
     with pytest.raises(ValueError, match="unknown option"):
         VQ4DiTOptions.from_config(QuantConfig(method="vq4dit", weight_bits=2, act_bits=None, options={"kk": 1}))

@@ -1,9 +1,10 @@
-"""Quantization methods, one module each, registered by name. A method is a pass:
+"""Quantization methods, one package (or module) each, registered by name. A method is a pass:
 ``apply(ctx)`` walks ``ctx.layers``, decides each layer's quantized form from ``ctx.model``,
 ``ctx.config`` and ``ctx.calibration``, and installs it with ``ctx.replace``.
 
-Method modules register themselves (and their presets) at import; ``load_all`` imports every
-module in this package, so adding a method means adding a file.
+Method packages register themselves (and their presets) at import; ``load_all`` imports every
+module and package here, so adding a method means adding a package. Adapters (nodes, pipelines, CLI,
+evaluation) ask :func:`calibration_needs` what to record and then call ``quantize``.
 """
 from __future__ import annotations
 
@@ -39,3 +40,9 @@ def get_method(name: str):
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
     return _METHODS[name]()
+
+
+def calibration_needs(*configs) -> tuple[str, ...]:
+    """What ``calibrate`` must record for these configs (statistic names and/or ``model_inputs``), in
+    order, without repeats; empty when every config's method quantizes from the weights alone."""
+    return tuple(dict.fromkeys(need for config in configs for need in get_method(config.method).needs(config)))

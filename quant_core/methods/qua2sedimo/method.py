@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .. import qua2sedimo_search as qs
-from ..config import QuantConfig, check_options, register_preset
-from ..models import select_layers
-from ..qua2sedimo_graph import build_graph
-from ..qua2sedimo_options import METHOD_NAMES, Option, OptionBank, build_option, option_grid
-from . import register_method
+from . import search as qs
+from ...config import QuantConfig, check_options, register_preset
+from ...models import select_layers
+from .graph import build_graph
+from .options import METHOD_NAMES, Option, OptionBank, build_option, option_grid
+from .. import register_method
 
 # The small setting of the preset: minutes on a CPU for the built-in PixArt (docs/qua2sedimo.md).
 DEFAULTS = {
@@ -61,7 +61,7 @@ class Qua2SeDiMo:
         assignment = ctx.config.options.get("assignment")
         if not assignment:
             raise ValueError("qua2sedimo needs a searched assignment in config.options['assignment']: run "
-                             "ditq.quant_core.methods.qua2sedimo.search(pipe, config) first (docs/qua2sedimo.md)")
+                             "ditq.quant_core.methods.qua2sedimo.method.search(pipe, config) first (docs/qua2sedimo.md)")
         missing = [n for n in ctx.layers if n not in assignment]
         extra = [n for n in assignment if n not in ctx.layers]
         if missing or extra:
@@ -142,8 +142,8 @@ def search(pipe, config: QuantConfig, *, workdir: str | Path | None = None, prog
 def default_labeller(pipe, s: dict, call_kwargs: dict | None) -> qs.Labeller:
     """Fidelity of the final latents to the FP pipeline (SampleFidelity), or FID against the FP
     samples when ``label_metric="fid"`` and Inception weights are installed (fitness.inception_features)."""
-    from ..builtin import PIXART_CALL
-    from ..fitness import FIDFitness, SampleFidelity, inception_features
+    from ...sampling import PIXART_CALL
+    from ...passes.fitness import FIDFitness, SampleFidelity, inception_features
 
     call = dict(call_kwargs if call_kwargs is not None else PIXART_CALL, num_inference_steps=s["label_steps"])
     conditions, seed = s["label_prompts"], s["label_seed"]
@@ -198,8 +198,8 @@ def write_insights(result: SearchResult, folder: str | Path) -> dict[str, Path]:
     """``scores_by_subgraph.png`` (box plot of the score distribution of every block's SA/CA/FFN and the
     embedders), ``scores_by_optype.png``, ``choices_by_optype.png`` (chosen method/bits per op type
     across blocks), ``insights.md`` (table) and ``search.json``."""
-    from ..plotting import box_plot, stacked_bars
-    from ..serialization import atomic_write_text
+    from ...plotting import box_plot, stacked_bars
+    from ...serialization import atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

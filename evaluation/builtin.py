@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import torch
 
-# Keyword arguments the tiny pipelines are called with (no resolution binning, short captions).
-PIXART_CALL = dict(num_inference_steps=10, guidance_scale=4.5, use_resolution_binning=False,
-                   max_sequence_length=80, clean_caption=False)
+from ..quant_core.sampling import DIT_CALL, PIXART_CALL  # noqa: F401 (the tiny pipelines' calls)
 
 
 def tiny_text_encoder(d_model: int = 64, seed: int = 0):
@@ -102,7 +100,6 @@ def stress_pixart_pipeline(seed: int = 0, variant: str = "alpha"):
 
 
 # Keyword arguments the tiny DiT pipeline is called with.
-DIT_CALL = dict(num_inference_steps=10, guidance_scale=4.0)
 
 
 def tiny_dit_pipeline(seed: int = 0, num_classes: int = 10):  # labels 0..num_classes-1; 1000 is the null class

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .calibration import call_timestep
-from .layers import QuantLinear, QuantModule, register_layer_type
+from ...calibration import call_timestep
+from ...layers import QuantLinear, QuantModule, register_layer_type
 
 
 def range_index(timestep: float, boundaries: Sequence[float]) -> int:

@@ -37,13 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibration import MODEL_INPUTS, calibrate, decode_model_call
-from ..evaluation import takes_prompts
-from ..config import QuantConfig, check_options, register_preset
-from ..kmeans import kmeans, nearest
-from ..layers import CodebookLinear
-from ..models import block_modules
-from . import register_method
+from ...calibration import MODEL_INPUTS, calibrate, decode_model_call
+from ...sampling import takes_prompts
+from ...config import QuantConfig, check_options, register_preset
+from ...passes.kmeans import kmeans, nearest
+from ...layers import CodebookLinear
+from ...models import block_modules
+from .. import register_method
 
 # weight_bits -> (codebook size k, sub-vector length d): log2(k) / d bits per weight (paper §4.3).
 SETTINGS = {2: (256, 4), 3: (64, 2), 4: (256, 2)}
@@ -309,7 +309,7 @@ class _Calibration:
     def _build_student(self, saved) -> nn.Module:
         import copy
 
-        from ..models import set_submodule
+        from ...models import set_submodule
 
         student = copy.deepcopy(self.teacher).requires_grad_(False)
         tensors = saved[0] if saved is not None else None
@@ -333,7 +333,7 @@ class _Calibration:
 
     # -- resumable state ----------------------------------------------------------------------
     def _save_state(self) -> None:
-        from ..serialization import atomic_save_file
+        from ...serialization import atomic_save_file
 
         if not self.opts.state_path:
             return
@@ -348,7 +348,7 @@ class _Calibration:
         atomic_save_file(tensors, self.opts.state_path, {"ditq_vq4dit_state": json.dumps(meta)})
 
     def _load_state(self):
-        from ..serialization import CheckpointError, read_safetensors
+        from ...serialization import CheckpointError, read_safetensors
 
         path = self.opts.state_path
         if not path or not Path(path).exists():

@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import quantizers as qz
-from .config import LayerScheme
+from .. import quantizers as qz
+from ..config import LayerScheme
 
 ScaleFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -110,7 +110,7 @@ def gptq_quantize_linear(linear: nn.Linear, scheme: LayerScheme, samples: torch.
     """A :class:`QuantLinear` for ``linear`` whose integer weights GPTQ chose on ``samples``
     (input rows ``[n, K]``, e.g. calibration statistic ``act_samples``). ``clip``: how each group's
     range is set, ``"minmax"`` or ``"mse"`` (:func:`quantizers.mse_clip_scale`)."""
-    from .layers import QuantLinear
+    from ..layers import QuantLinear
 
     if scheme.weight_format != "int" or scheme.weight_granularity == "tensor":
         raise ValueError(f"layer {name!r}: GPTQ quantizes integer weights per channel or group, "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import LayerInfo
+from ...models import LayerInfo
 
 # (regex over the module name, op type); first match wins. Block op types are prefixed by the role.
 _OP_PATTERNS = (

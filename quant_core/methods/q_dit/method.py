@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import quantizers as qz
-from ..config import LayerScheme, QuantConfig, check_options, register_preset
-from ..gptq import gptq_quantize_linear
-from ..layers import QuantLinear
-from ..models import LayerInfo, select_layers, set_submodule
-from ..quantizers import mse_clip_scale
-from ..search import EvolutionSettings, SearchResult, evolutionary_search
-from . import register_method
+from ... import quantizers as qz
+from ...config import LayerScheme, QuantConfig, check_options, register_preset
+from ...passes.gptq import gptq_quantize_linear
+from ...layers import QuantLinear
+from ...models import LayerInfo, select_layers, set_submodule
+from ...quantizers import mse_clip_scale
+from ...passes.evolution import EvolutionSettings, SearchResult, evolutionary_search
+from .. import register_method
 
 WEIGHT_QUANTIZERS = ("gptq", "minmax", "mse")
 DEFAULT_CANDIDATES = (32, 64, 128, 192, 256, 288)
@@ -136,7 +136,7 @@ def default_fitness(pipe, conditions: Sequence, call: dict, *, seed: int = 0,
     """FID against the FP model's samples when Inception weights are installed
     (:func:`fitness.inception_features`), otherwise output fidelity to the FP transformer on
     inputs captured at random timesteps of FP sampling over ``conditions``."""
-    from ..fitness import FIDFitness, OutputFidelity, capture_model_inputs, inception_features
+    from ...passes.fitness import FIDFitness, OutputFidelity, capture_model_inputs, inception_features
 
     features = inception_features()
     if features is not None:

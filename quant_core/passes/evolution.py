@@ -128,7 +128,7 @@ class _Search:
     def save(self) -> None:
         if self.state_path is None:
             return
-        from .serialization import atomic_write_text
+        from ..serialization import atomic_write_text
 
         version, internal, gauss = self.rng.getstate()
         state = {"version": STATE_VERSION, "fingerprint": self._fingerprint(), "generation": self.generation,

@@ -29,17 +29,17 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .. import rotation as rot
-from .. import smoothing
-from ..calibration import CalibrationData
-from ..config import LayerScheme, QuantConfig, check_options, register_preset
-from ..layers import QuantLinear
-from ..metrics import rel_l2
-from ..models import LayerInfo, select_layers, set_submodule
-from ..sensitivity import RunOutputs, SensitivityReport, group_metric, record_model_outputs
-from ..switching import (TimestepSwitchLinear, range_index, range_step_counts, timestep_boundaries,
+from ...passes import rotation as rot
+from ...passes import smoothing
+from ...calibration import CalibrationData
+from ...config import LayerScheme, QuantConfig, check_options, register_preset
+from ...layers import QuantLinear
+from ...metrics import rel_l2
+from ...models import LayerInfo, select_layers, set_submodule
+from .sensitivity import RunOutputs, SensitivityReport, group_metric, record_model_outputs
+from .switching import (TimestepSwitchLinear, range_index, range_step_counts, timestep_boundaries,
                          timestep_hook, track_timesteps)
-from . import register_method
+from .. import register_method
 
 # Activation exponent per layer class (regex over the module name, last match wins). 0.3 is the
 # official PixArt config; FFN outputs (fc2, after GELU) take the official DiT value 0.12.

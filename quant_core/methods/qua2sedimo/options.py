@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import LayerScheme
-from .layers import LAYER_TYPES, CodebookLinear, QuantLinear, QuantModule
-from .quantizers import check_finite, dequantize, int_range, quantize
+from ...config import LayerScheme
+from ...layers import LAYER_TYPES, CodebookLinear, QuantLinear, QuantModule
+from ...quantizers import check_finite, dequantize, int_range, quantize
 
 METHODS = ("uaq", "kmc", "kma")
 METHOD_NAMES = {"uaq": "UAQ", "kmc": "K-Means-C", "kma": "K-Means-A"}
@@ -212,7 +212,7 @@ class OptionBank:
         stand-ins holding each module's decoded weight: the same product as the packed module, without
         unpacking the weight again at every denoising step.
         """
-        from .models import set_submodule
+        from ...models import set_submodule
 
         if decoded and self.act_bits is not None:
             raise ValueError("decoded stand-ins are weight-only; this bank quantizes activations too")
@@ -232,7 +232,7 @@ class OptionBank:
 
     # -- cache on disk ---------------------------------------------------------------------------
     def save(self, path) -> None:
-        from .serialization import atomic_save_file
+        from ...serialization import atomic_save_file
 
         tensors, meta = {}, {}
         for name, row in self.entries.items():
@@ -246,7 +246,7 @@ class OptionBank:
 
     @classmethod
     def load(cls, path) -> "OptionBank":
-        from .serialization import CheckpointError, read_safetensors
+        from ...serialization import CheckpointError, read_safetensors
 
         tensors, header = read_safetensors(path)
         try:

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .metrics import rel_l2, ssim
+from ...metrics import rel_l2, ssim
 
 
 @dataclass
@@ -173,8 +173,8 @@ class SensitivityReport:
     def heatmap(self, path, bits: int | None = None) -> None:
         """PNG heat map (group x block rows, timestep-range columns); colour = the group metric
         relative to its group's largest value, text = the metric."""
-        from .plotting import heatmap_png
-        from .serialization import atomic_write_bytes
+        from ...plotting import heatmap_png
+        from ...serialization import atomic_write_bytes
 
         bits = bits or min(self.bits)
         grid = self.grid(bits)
@@ -233,7 +233,7 @@ class SensitivityReport:
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path) -> None:
-        from .serialization import atomic_write_text
+        from ...serialization import atomic_write_text
 
         atomic_write_text(json.dumps(asdict(self), indent=1), path)
 

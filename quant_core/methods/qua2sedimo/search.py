@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 import torch
 
 from . import gnn
-from .qua2sedimo_graph import OP_TYPES, LayerGraph, Subgraph
-from .qua2sedimo_options import METHODS, Option, OptionBank
+from .graph import OP_TYPES, LayerGraph, Subgraph
+from .options import METHODS, Option, OptionBank
 
 Assignment = dict[str, str]
 
@@ -108,7 +108,7 @@ class Labeller:
         self.pipe, self.fitness, self.settings, self.quality = pipe, fitness, settings, quality
 
     def __call__(self, bank: OptionBank, assignment: Assignment) -> float:
-        from .models import set_submodule
+        from ...models import set_submodule
 
         model = self.pipe.transformer
         originals = {n: model.get_submodule(n) for n in assignment}
@@ -136,7 +136,7 @@ class LabelStore:
             self.records = {int(k): v for k, v in data["records"].items()}
 
     def add(self, index: int, record: dict) -> None:
-        from .serialization import atomic_write_text
+        from ...serialization import atomic_write_text
 
         self.records[index] = record
         if self.path:

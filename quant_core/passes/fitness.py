@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .evaluation import sample
+from ..sampling import sample
 
 
 def _clone(obj):

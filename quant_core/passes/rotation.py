@@ -10,7 +10,7 @@ import zlib
 
 import torch
 
-from ..kernels import reference
+from ...kernels import reference
 
 ROTATIONS = ("full", "block", "none")
 

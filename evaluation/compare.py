@@ -1,40 +1,13 @@
-"""Measuring a quantized pipeline against its full-precision self: deterministic sampling that
-returns both final latents and decoded images, byte counts, and picture grids. Shared by the demo,
-the benches and the search fitness of methods."""
+"""Measuring a quantized pipeline against its full-precision self: byte counts, picture grids and
+the side-by-side preset comparison the demo and the benches print."""
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import torch
 from torch import nn
 
-
-def takes_prompts(pipe) -> bool:
-    return "prompt" in inspect.signature(pipe.__call__).parameters
-
-
-def sample(pipe, condition, seed: int, call: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final latents (as handed to the VAE) and images ``[1, 3, H, W]`` in [0, 1] for one prompt
-    (text pipelines) or class label (``DiTPipeline``), one seed."""
-    captured = {}
-    vae = pipe.vae
-    original = vae.decode
-
-    def decode(z, *args, **kwargs):
-        captured["latents"] = z.detach().float().clone()
-        return original(z, *args, **kwargs)
-
-    vae.decode = decode
-    try:
-        gen = torch.Generator("cpu").manual_seed(seed)
-        if takes_prompts(pipe):
-            images = pipe(condition, generator=gen, output_type="pt", **call).images
-        else:
-            images = pipe(class_labels=[condition], generator=gen, output_type="pt", **call).images
-    finally:
-        del vae.decode  # drop the instance attribute: the class method is visible again
-    return captured["latents"], images.float()
+from ..quant_core.sampling import sample
 
 
 def resident_bytes(model: nn.Module) -> int:
@@ -98,17 +71,17 @@ def compare_presets(pipe, call: dict, presets: list[str], conditions: list, seed
     import tempfile
     import time
 
-    from .calibration import calibrate
-    from .config import QuantConfig
-    from .methods import get_method
-    from .metrics import psnr, rel_l2, ssim
-    from .quantize import quantize
-    from .serialization import WEIGHTS_NAME, save_quantized
+    from ..quant_core.calibration import calibrate
+    from ..quant_core.config import QuantConfig
+    from ..quant_core.methods import calibration_needs
+    from ..quant_core.metrics import psnr, rel_l2, ssim
+    from ..quant_core.quantize import quantize
+    from ..quant_core.serialization import WEIGHTS_NAME, save_quantized
 
     configs = {name: QuantConfig.preset(name) for name in presets}
     pairs = [(c, s) for c in conditions for s in seeds]
     fp = [sample(pipe, c, s, call) for c, s in pairs]
-    needs = sorted({s for cfg in configs.values() for s in get_method(cfg.method).needs(cfg)})
+    needs = calibration_needs(*configs.values())
     calib, calib_s = None, 0.0
     if needs:
         t0 = time.perf_counter()
@@ -142,7 +115,7 @@ def compare_presets(pipe, call: dict, presets: list[str], conditions: list, seed
             psnr_db=mean([psnr(f[1], o[1]) for f, o in zip(fp, outs)]),
             ssim=mean([ssim(f[1], o[1]) for f, o in zip(fp, outs)]),
             latent_rel_l2=mean([rel_l2(f[0], o[0]) for f, o in zip(fp, outs)]),
-            weight_sqnr_db=report.mean_sqnr_db, calibrate_s=calib_s if get_method(cfg.method).needs(cfg) else 0.0,
+            weight_sqnr_db=report.mean_sqnr_db, calibrate_s=calib_s if calibration_needs(cfg) else 0.0,
             quantize_s=quant_s))
         images[name] = outs[0][1]
         del transformer
