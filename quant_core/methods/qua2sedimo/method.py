@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import search as qs
+from . import config_search as qs
 from ...config import QuantConfig, check_options, register_preset
 from ...models import select_layers
 from .graph import build_graph
