@@ -201,7 +201,7 @@ def test_codebook_linear(bits, dim):
             y_ref = ref.codebook_linear(x, idx, codebook, bias, bits=bits, in_features=k)
             # fp32: an IEEE dot of the exact fp16 entries; bf16: the entries are rounded to bf16 first
             assert rel_err(y, y_ref) < (1e-5 if dtype == torch.float32 else 2e-2), (rows, dtype)
-    big = rand(gm.CODEBOOK_FUSED_MAX_M + 3, k, seed=64)  # decode-then-matmul path
+    big = rand(gm.FUSED_DECODE_MAX_M + 3, k, seed=64)  # decode-then-matmul path
     y = gm.codebook_linear(big, idx, codebook, bias, bits=bits, in_features=k)
     assert rel_err(y, ref.codebook_linear(big, idx, codebook, bias, bits=bits, in_features=k)) < 1e-5
 
