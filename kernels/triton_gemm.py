@@ -20,6 +20,7 @@ a single small config is used (the autotuner needs a GPU to time more than one).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -54,16 +55,35 @@ FUSED_DECODE_MAX_M = 256
 # result; FP8's promoted sum beside the tensor core's partial one) take only tiles with at most this
 # many accumulator registers per thread: at 128 (e.g. 128x256 on 8 warps) ptxas spills.
 TWO_ACC_MAX_REGS = 64
+# ... and the grouped kernel, which also holds a column of scales per K-step, spills on 8 warps
+# even then (48-96 B at 128x128, sm90_spills.md): it runs on one warpgroup.
+GROUPED_MAX_WARPS = 4
+# The codebook decode gathers each weight element through a 64-bit pointer of its own: tiles with more
+# than this many weight elements per thread and K-step spill (bench/results/sm90_spills.md).
+CODEBOOK_MAX_ELEMS = 32
 # FP8 products accumulate in the tensor core's reduced-precision accumulator (on sm_90 about 13
 # mantissa bits) for at most this many K before the sum is promoted into an fp32 one: the bound
 # and its cost are in docs/kernels.md ("FP8 accumulation").
 FP8_PROMOTE_K = tl.constexpr(128)
+FP8_ACC_MANTISSA = 13  # sm_90's FP8 accumulator is 1-8-13 ("FP22", measured by SageAttention2)
 
 
 def empty_output(shape, device, dtype) -> torch.Tensor:
     """Every kernel output is allocated here (tests replace it to poison outputs and catch unwritten
     elements)."""
     return torch.empty(shape, device=device, dtype=dtype)
+
+
+def fp8_error_bound(abs_products: Tensor, k: int) -> Tensor:
+    """Worst-case error of the FP8 GEMM's sum of products (before the scales), given the sums of the
+    products' magnitudes ``sum_k |xq[m,k] * wq[n,k]|``, on sm_90 with FP8_PROMOTE_K: each k32 wgmma
+    adds into the partial sum with a truncation below ``2^-FP8_ACC_MANTISSA`` of a value no larger
+    than the interval's magnitude sum (FP8_PROMOTE_K / 32 times per interval), and each of the
+    ``ceil(K / FP8_PROMOTE_K)`` fp32 promotions and the two fp32 scale products rounds below ``2^-24``
+    of the total. Without promotion the first term is ``K / 32`` additions instead of 4: 36x looser
+    at K = 4608 (docs/kernels.md)."""
+    adds = int(FP8_PROMOTE_K) // 32
+    return abs_products * (adds * 2.0**-FP8_ACC_MANTISSA + (math.ceil(k / int(FP8_PROMOTE_K)) + 2) * 2.0**-24)
 
 
 def _hopper() -> bool:
@@ -81,13 +101,23 @@ def _acc_regs(config) -> int:
     return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] // (32 * config.num_warps)
 
 
+def _weight_elems(config) -> int:
+    """Weight elements per thread in one K-step's ``BLOCK_N x BLOCK_K`` tile."""
+    return config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"] // (32 * config.num_warps)
+
+
 def _prune(configs, named_args, **kwargs):
     """Drop tiles whose K-step would cross a group, tiles too big for two live accumulators where
-    the kernel keeps two (grouped scales, FP8 promotion), and M tiles far taller than the problem."""
+    the kernel keeps two (grouped scales, FP8 promotion), codebook tiles that gather too many weights
+    per thread, and M tiles far taller than the problem."""
     m, gs, k = named_args["M"], named_args["GS"], named_args["K"]
     ok = [c for c in configs if gs == k or gs % c.kwargs["BLOCK_K"] == 0]
     if kwargs.get("GROUPED") or kwargs.get("FP8"):
         ok = [c for c in ok if _acc_regs(c) <= TWO_ACC_MAX_REGS] or ok[-1:]
+    if kwargs.get("GROUPED"):
+        ok = [c for c in ok if c.num_warps <= GROUPED_MAX_WARPS] or ok[-1:]
+    if kwargs.get("CB_DIM"):
+        ok = [c for c in ok if _weight_elems(c) <= CODEBOOK_MAX_ELEMS] or ok[-1:]
     fit = [c for c in ok if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))]
     return fit or ok[-1:]
 
@@ -114,12 +144,12 @@ def _load_weight(w_ptr, rn, k0, K, KP, stride_wn, BLOCK_K: tl.constexpr, BITS: t
     int4 unpacked from offset-binary nibbles (byte j: value 2j low, 2j+1 high) to signed int8."""
     if BITS == 4:
         kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        ptrs = w_ptr + rn[:, None] * stride_wn + kb[None, :]
+        ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + kb[None, :]
         p = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=kb[None, :] < KP, other=0)
         w = tl.interleave((p & 0xF).to(tl.int8) - 8, (p >> 4).to(tl.int8) - 8)
     else:
         rk = k0 + tl.arange(0, BLOCK_K)
-        ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
+        ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
         w = tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=rk[None, :] < K, other=0.0)
     return w
 
@@ -133,7 +163,7 @@ def _load_codes(w_ptr, rn, k0, K, stride_wn, BLOCK_K: tl.constexpr, BITS: tl.con
     bit = (rk // CB_DIM) * BITS
     shift = (bit % 8)[None, :]
     in_k = (rk < K)[None, :]
-    ptrs = w_ptr + rn[:, None] * stride_wn + (bit // 8)[None, :]
+    ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (bit // 8)[None, :]
     word = tl.load(ptrs, mask=in_k, other=0).to(tl.int32) & 0xFF
     if 8 % BITS != 0:  # widths that do not divide 8 straddle byte boundaries
         word |= (tl.load(ptrs + 1, mask=in_k & (shift + BITS > 8), other=0).to(tl.int32) & 0xFF) << 8
@@ -146,7 +176,7 @@ def _load_codes(w_ptr, rn, k0, K, stride_wn, BLOCK_K: tl.constexpr, BITS: tl.con
 @triton.jit
 def _load_x(x_ptr, rm, k0, K, stride_xm, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     rk = k0 + tl.arange(0, BLOCK_K)
-    ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :]
     return tl.load(ptrs) if EVEN_K else tl.load(ptrs, mask=rk[None, :] < K, other=0.0)
 
 
@@ -233,9 +263,11 @@ def _scaled_gemm_kernel(
     accumulator outlives its step; the MMA result and the fp32 sum are then both live, which is why
     grouped tiles are limited to TWO_ACC_MAX_REGS accumulator registers per thread (see _prune)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    # wrap out-of-range rows/columns onto valid ones: loads need no mask, the store drops them
-    rm = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
-    rn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+    # wrap out-of-range rows/columns onto valid ones: loads need no mask, the store drops them. int32:
+    # the scale and zero-point vectors index with them (64-bit offsets cost registers per element);
+    # the operand loads widen them first, as M * K may pass 2^31
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     acc_dtype: tl.constexpr = tl.float32 if FP8 else tl.int32
     acc = _acc_tile(tl.float32 if GROUPED else acc_dtype, WEIGHT_LHS, BLOCK_M, BLOCK_N)
     for k0 in range(0, K, BLOCK_K):
@@ -271,8 +303,8 @@ def _dequant_gemm_kernel(
     applied to the decoded tile per group, or once in the epilogue when CHANNEL_SCALE (G == 1).
     UPCAST (interpreter only) runs the dot in fp32: interpreted bf16 dots are wrong."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
-    rn = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     dot_dtype: tl.constexpr = tl.float32 if UPCAST else x_ptr.dtype.element_ty
     precision: tl.constexpr = "ieee" if dot_dtype == tl.float32 else "tf32"
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)

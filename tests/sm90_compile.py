@@ -148,6 +148,7 @@ def compile_sm90(kernel, pointers: dict, constexprs: dict, num_warps: int, num_s
     return {"wgmma": sorted({inst for inst, _ in wgmma}),
             "wgmma_a": sorted({"RS" if a.startswith("{") else "SS" for _, a in wgmma}),
             "mma_sync": "mma.sync" in ptx, "cp_async": "cp.async" in ptx, "shared": k.metadata.shared,
+            "max_imprecise_acc": sorted({int(n) for n in re.findall(r"maxNumImpreciseAcc = (\d+)", k.asm["ttgir"])}),
             **ptxas_stats(log.getvalue()), **mma_loop(k.asm["ttgir"]), "seconds": round(time.monotonic() - start, 1)}
 
 
