@@ -16,8 +16,11 @@ trap 'rm -rf "$pkg"' EXIT
 ln -s "$root" "$pkg/ditq"
 export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
 cd "$pkg"  # not the checkout: its kernels/ folder would shadow packages of that name
-gpu=$(python -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else 'none')")
+gpu=$(python -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower()
+                  if torch.cuda.is_available() else 'none')")
 [ "$gpu" = none ] && { echo "run_gpu.sh: no CUDA GPU" >&2; exit 1; }
 
-timeout 300 python "$root/bench/bench_gemm.py" --m 4096 8192 --out "$out/gemm_$gpu.md" 2>&1 | tee "$out/gemm_$gpu.log"
-timeout 270 python "$root/bench/bench_e2e.py" --px 1024 --iters 5 --out "$out/e2e_$gpu.md" 2>&1 | tee "$out/e2e_$gpu.log"
+timeout 300 python "$root/bench/bench_gemm.py" --m 4096 8192 --out "$out/gemm_$gpu.md" 2>&1 \
+    | tee "$out/gemm_$gpu.log"
+timeout 270 python "$root/bench/bench_e2e.py" --px 1024 --iters 5 --out "$out/e2e_$gpu.md" 2>&1 \
+    | tee "$out/e2e_$gpu.log"

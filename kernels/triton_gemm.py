@@ -5,15 +5,18 @@ Weights are stored ``[N, K]`` K-contiguous (kernels.md §2.4: 8-bit wgmma wants 
 ``_scaled_gemm_kernel`` (int8 and fp8 tensor cores): for each group ``g`` of K it accumulates
 ``sum_k x[m,k] * w[n,k]`` exactly (int32, or fp32 for fp8) and adds
 ``sx[m,g] * sw[n,g] * (acc - rowsum_g(x)[m] * zw[n,g])`` in fp32; per-channel scales are one group,
-so the rescale runs once in the epilogue (Q-DiT's group-wise path rescales once per group). The
-weight zero-point correction uses the row sums of the int8 activation tile, taken in the same loop
-(no separate row-sum tensor). int4 weights are unpacked to int8 in registers and made the left
-operand of ``tl.dot`` (computing Yᵀ = W·Xᵀ), which Hopper runs as register-sourced wgmma instead of
-writing the unpacked tile back to shared memory (§4.3).
+so the rescale runs once in the epilogue (Q-DiT's group-wise path rescales each K-step's product).
+The weight zero-point term is applied after the K loop from per-group row sums the wrapper takes
+once per GEMM. One flat K loop either way, so loads pipeline across group boundaries; tile limits
+that keep every form free of register spills on sm_90 are in ``_prune`` (docs/kernels.md). int4
+weights are unpacked to int8 in registers and made the left operand of ``tl.dot`` (computing
+Yᵀ = W·Xᵀ), which Hopper runs as register-sourced wgmma instead of writing the unpacked tile back to
+shared memory (§4.3).
 
 ``_dequant_gemm_kernel`` (16-bit tensor cores): decodes int8 / int4 / fp8 weights with their scales,
 or packed b-bit codebook indices through the codebook (k-means, VQ), to the activation dtype in
-registers, again as the left operand.
+registers, again as the left operand; above FUSED_DECODE_MAX_M rows the weight is decoded once
+and the dense matmul runs instead.
 
 Tile configs are autotuned per (bucketed M, N, K, group size, format); under ``TRITON_INTERPRET=1``
 a single small config is used (the autotuner needs a GPU to time more than one).
@@ -352,11 +355,12 @@ def _group_strides(t: torch.Tensor | None) -> tuple[int, int]:
     return (t.stride(0) if t.shape[0] > 1 else 0), (t.stride(1) if t.shape[1] > 1 else 0)
 
 
-def _zero_point_factors(xq: Tensor, x_scale: Tensor, w_scale: Tensor, w_zero: Tensor, groups: int):
+def _zero_point_factors(xq: Tensor, x_scale: Tensor, n: int, w_scale: Tensor, w_zero: Tensor, groups: int):
     """``(sx * rowsum_g(xq)) [M, G]`` and ``(sw * zw) [N, G]``, contiguous: the weight zero point's term
     is their product summed over groups. The row sums are taken once per GEMM here (the kernel would
-    otherwise redo them for every column tile and K-step)."""
-    m, n = xq.shape[0], w_scale.shape[0]
+    otherwise redo them for every column tile and K-step). Each side rounds once in fp32, where the
+    old in-loop integer difference was exact: a 2^-24 relative change, far below the output's."""
+    m = xq.shape[0]
     row_sums = xq.reshape(m, groups, -1).sum(dim=-1, dtype=torch.int32)
     rows = (x_scale.expand(m, groups) * row_sums).contiguous()
     cols = (w_scale.expand(n, groups) * w_zero.float().expand(n, groups)).contiguous()
@@ -371,7 +375,7 @@ def _launch_scaled(xq, x_scale, weight, w_scale, w_zero, bias, *, bits, fp8, in_
     y = empty_output((m, n), xq.device, out_dtype)
     if m == 0:
         return y
-    zr, zc = (_zero_point_factors(xq, x_scale, w_scale, w_zero, groups) if w_zero is not None
+    zr, zc = (_zero_point_factors(xq, x_scale, n, w_scale, w_zero, groups) if w_zero is not None
               else (x_scale, w_scale))
     _scaled_gemm[_grid(m, n)](
         xq, weight, x_scale, w_scale, zr, zc, bias if bias is not None else w_scale, y,

@@ -35,8 +35,9 @@ from ditq.kernels import triton_act_quant as aq  # noqa: E402
 from ditq.kernels import triton_gemm as gm  # noqa: E402
 
 _ALIGNED = {"N", "K", "KP", "GS", "stride_xm", "stride_wn", "stride_ym", "stride_qm"}
-_SCALE_PTRS = {"sx_ptr": "*fp32", "sw_ptr": "*fp32", "zw_ptr": "*fp32", "zr_ptr": "*fp32", "zc_ptr": "*fp32", "b_ptr": "*bf16",
-               "y_ptr": "*bf16"}
+# zw_ptr: the zero-point pointer of the kernel before issue 21, so --sweep also runs on that tree
+_SCALE_PTRS = {"sx_ptr": "*fp32", "sw_ptr": "*fp32", "zw_ptr": "*fp32", "zr_ptr": "*fp32", "zc_ptr": "*fp32",
+               "b_ptr": "*bf16", "y_ptr": "*bf16"}
 _FLOAT_PTRS = {"x_ptr": "*bf16", "sw_ptr": "*fp32", "zw_ptr": "*fp32", "cb_ptr": "*fp16", "b_ptr": "*bf16",
                "y_ptr": "*bf16"}
 _BASE = {"EVEN_K": True, "HAS_BIAS": True, "GROUP_M": 8}
@@ -208,10 +209,11 @@ def sweep_table(results: list[dict]) -> str:
             continue
         loops = r.get("mma_loops") or [{}]
         piped = all(not lp.get("nested") and lp.get("waits_in_flight") for lp in loops)
-        rows.append(f"| {r['case'].rsplit(' ', 3)[0]} | {' '.join(r['case'].rsplit(' ', 3)[1:])} | "
-                    f"{r.get('registers', '?')} | {r.get('spill_stores', '?')} | {r.get('spill_loads', '?')} | "
-                    f"{r['shared'] / 1024:.0f} | {','.join(i.split('.')[-3] + '.' + i.split('.')[-1] for i in r['wgmma'])} "
-                    f"{'/'.join(r['wgmma_a'])} | {'yes' if piped else 'no'} |")
+        form, tile = r["case"].rsplit(" ", 3)[0], " ".join(r["case"].rsplit(" ", 3)[1:])
+        wgmma = ",".join(".".join(i.split(".")[-3::2]) for i in r["wgmma"])  # e.g. s32.s8
+        rows.append(f"| {form} | {tile} | {r.get('registers', '?')} | {r.get('spill_stores', '?')} | "
+                    f"{r.get('spill_loads', '?')} | {r['shared'] / 1024:.0f} | {wgmma} {'/'.join(r['wgmma_a'])} | "
+                    f"{'yes' if piped else 'no'} |")
     return "\n".join(rows) + "\n"
 
 

@@ -63,9 +63,10 @@ def rel_err(y, y_ref):
     return ((y.double() - y_ref.double()).abs().max() / y_ref.double().abs().max()).item()
 
 
-def quantized_weight(n, k, bits, group_size, symmetric, seed):
+def quantized_weight(n, k, bits, group_size, symmetric, seed, per_tensor=False):
     """Packed weight as QuantLinear stores it (asymmetric values offset to signed)."""
-    q, s, z = qz.quantize_weight(rand(n, k, seed=seed), bits, symmetric=symmetric, group_size=group_size)
+    q, s, z = qz.quantize_weight(rand(n, k, seed=seed), bits, symmetric=symmetric, group_size=group_size,
+                                 per_tensor=per_tensor)
     if not symmetric:
         q, z = q.to(torch.int16) - 2 ** (bits - 1), z - 2 ** (bits - 1)
     return qz.pack_bits(q.to(torch.int8), bits), s, z
@@ -135,13 +136,13 @@ def test_int_gemm(bits, group_size, symmetric):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_int_gemm_ragged_k_static_and_per_tensor(bits):
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int_gemm_ragged_k_static_and_per_tensor(bits, symmetric):
     k = 100  # not a multiple of the K-step (nor of 8 for the packed int4 rows)
-    q, sw, _ = qz.quantize_weight(rand(N, k, seed=20 + bits), bits, per_tensor=True)
-    w = qz.pack_bits(q, bits)
+    w, sw, zw = quantized_weight(N, k, bits, None, symmetric, seed=20 + bits, per_tensor=True)  # [1, 1] scales
     xq, sx = ref.act_quant_static(rand(M, k, seed=21), torch.tensor([0.01]), 8)  # [M, 1] stride-0 view
-    y = gm.int_gemm(xq, sx, w, sw, None, None, bits=bits, in_features=k, out_dtype=torch.float32)
-    y_ref = ref.int_gemm(xq, sx, w, sw, None, None, bits=bits, in_features=k, out_dtype=torch.float32)
+    y = gm.int_gemm(xq, sx, w, sw, zw, None, bits=bits, in_features=k, out_dtype=torch.float32)
+    y_ref = ref.int_gemm(xq, sx, w, sw, zw, None, bits=bits, in_features=k, out_dtype=torch.float32)
     assert rel_err(y, y_ref) < 1e-6
 
 
