@@ -52,31 +52,31 @@ SHAPES = {
 }
 GROUP = 128  # the group size of the group-wise forms (W4A8 g128, Q-DiT's default)
 
+
+def _scaled(x: str, w: str, bits: int, *, fp8=False, zero=False, grouped=False):
+    return (gm._scaled_gemm_kernel, {"x_ptr": x, "w_ptr": w, **_SCALE_PTRS},
+            {"BITS": bits, "FP8": fp8, "HAS_ZERO": zero, "WEIGHT_LHS": bits == 4}, grouped)
+
+
+def _dequant(w: str, bits: int, *, cb_dim=0, zero=False, grouped=False):
+    return (gm._dequant_gemm_kernel, {**_FLOAT_PTRS, "w_ptr": w},
+            {"BITS": bits, "CB_DIM": cb_dim, "HAS_ZERO": zero, "UPCAST": False}, grouped)
+
+
 # name -> (kernel, pointer types, constexprs, group-wise); each compiled with every tile _prune keeps
 FORMS = {
-    "w8a8": (gm._scaled_gemm_kernel, {"x_ptr": "*i8", "w_ptr": "*i8", **_SCALE_PTRS},
-             {"BITS": 8, "FP8": False, "HAS_ZERO": False, "WEIGHT_LHS": False}, False),
-    "w8a8 asym": (gm._scaled_gemm_kernel, {"x_ptr": "*i8", "w_ptr": "*i8", **_SCALE_PTRS},
-                  {"BITS": 8, "FP8": False, "HAS_ZERO": True, "WEIGHT_LHS": False}, False),
-    "w4a8": (gm._scaled_gemm_kernel, {"x_ptr": "*i8", "w_ptr": "*u8", **_SCALE_PTRS},
-             {"BITS": 4, "FP8": False, "HAS_ZERO": False, "WEIGHT_LHS": True}, False),
-    "w4a8 g128 asym (Q-DiT)": (gm._scaled_gemm_kernel, {"x_ptr": "*i8", "w_ptr": "*u8", **_SCALE_PTRS},
-                               {"BITS": 4, "FP8": False, "HAS_ZERO": True, "WEIGHT_LHS": True}, True),
-    "w8a8 g128 asym (Q-DiT)": (gm._scaled_gemm_kernel, {"x_ptr": "*i8", "w_ptr": "*i8", **_SCALE_PTRS},
-                               {"BITS": 8, "FP8": False, "HAS_ZERO": True, "WEIGHT_LHS": False}, True),
-    "fp8": (gm._scaled_gemm_kernel, {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", **_SCALE_PTRS},
-            {"BITS": 8, "FP8": True, "HAS_ZERO": False, "WEIGHT_LHS": False}, False),
-    "w4a16 g128 asym": (gm._dequant_gemm_kernel, {**_FLOAT_PTRS, "w_ptr": "*u8"},
-                        {"BITS": 4, "CB_DIM": 0, "HAS_ZERO": True, "UPCAST": False}, True),
-    "w8a16": (gm._dequant_gemm_kernel, {**_FLOAT_PTRS, "w_ptr": "*i8"},
-              {"BITS": 8, "CB_DIM": 0, "HAS_ZERO": False, "UPCAST": False}, False),
-    "fp8 weight-only": (gm._dequant_gemm_kernel, {**_FLOAT_PTRS, "w_ptr": "*fp8e4nv"},
-                        {"BITS": 8, "CB_DIM": 0, "HAS_ZERO": False, "UPCAST": False}, False),
+    "w8a8": _scaled("*i8", "*i8", 8),
+    "w8a8 asym": _scaled("*i8", "*i8", 8, zero=True),
+    "w4a8": _scaled("*i8", "*u8", 4),
+    "w4a8 g128 asym (Q-DiT)": _scaled("*i8", "*u8", 4, zero=True, grouped=True),
+    "w8a8 g128 asym (Q-DiT)": _scaled("*i8", "*i8", 8, zero=True, grouped=True),
+    "fp8": _scaled("*fp8e4nv", "*fp8e4nv", 8, fp8=True),
+    "w4a16 g128 asym": _dequant("*u8", 4, zero=True, grouped=True),
+    "w8a16": _dequant("*i8", 8),
+    "fp8 weight-only": _dequant("*fp8e4nv", 8),
     # codebook weights: 6-bit indices straddle bytes (two loads), 8-bit ones are int8 (one load)
-    "codebook b6 d2": (gm._dequant_gemm_kernel, {**_FLOAT_PTRS, "w_ptr": "*u8"},
-                       {"BITS": 6, "CB_DIM": 2, "HAS_ZERO": False, "UPCAST": False}, False),
-    "codebook b8 d4": (gm._dequant_gemm_kernel, {**_FLOAT_PTRS, "w_ptr": "*i8"},
-                       {"BITS": 8, "CB_DIM": 4, "HAS_ZERO": False, "UPCAST": False}, False),
+    "codebook b6 d2": _dequant("*u8", 6, cb_dim=2),
+    "codebook b8 d4": _dequant("*i8", 8, cb_dim=4),
 }
 ACT_QUANT = {
     "act_quant rot128 k1152": (
