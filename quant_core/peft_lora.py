@@ -45,6 +45,9 @@ class QuantLoraLayer(nn.Module, LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
+    def _get_in_out_features(self, module: QuantModule) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
     def _get_base_layer_device_and_dtype(self, base_layer):
         device = next((b.device for b in base_layer.buffers() if b is not None), None)
         return device, base_layer.branch_dtype()

@@ -154,6 +154,12 @@ def save_quantized(model: nn.Module, path, *, model_config: dict[str, Any] | Non
     >>> save_quantized(pipe.transformer, "pixart-w8a8")
     """
     path = Path(path)
+    with_lora = [n for n, m in model.named_modules() if isinstance(m, QuantModule) and m.lora_branches]
+    if with_lora:
+        raise ValueError(f"cannot save: layer {with_lora[0]!r} carries LoRA branches "
+                         f"{sorted(model.get_submodule(with_lora[0]).lora_branches)}; a ditq file holds the "
+                         f"quantized model only. Remove them first (PEFT: unmerge or delete the adapter) "
+                         f"and save the adapter on its own")
     qcfg = quantization_config(model)
     tensors = model.state_dict()
     for k, t in tensors.items():
