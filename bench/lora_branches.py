@@ -36,7 +36,7 @@ def codebook_transformer(fp):
     """Block Linears as 4-bit per-channel k-means codebooks (Qua²SeDiMo's K-Means-C), built directly."""
     from ditq.quant_core.layers import CodebookLinear
     from ditq.quant_core.models import select_layers, set_submodule
-    from ditq.quant_core.qua2sedimo_options import kmeans_codebook
+    from ditq.quant_core.methods.qua2sedimo.options import kmeans_codebook
 
     model = copy.deepcopy(fp)
     for name in select_layers(model):
@@ -51,7 +51,7 @@ def switch_transformer(fp):
     from ditq import QuantConfig, quantize
     from ditq.quant_core.layers import QuantLinear
     from ditq.quant_core.models import set_submodule
-    from ditq.quant_core.switching import TimestepSwitchLinear, track_timesteps
+    from ditq.quant_core.methods.vidit_q.switching import TimestepSwitchLinear, track_timesteps
 
     model = copy.deepcopy(fp)
     quantize(model, QuantConfig.preset("rtn-w8a8-dynamic"), progress=False)
@@ -130,7 +130,7 @@ def merge(transformer, merged: bool) -> None:
 
 # -- measuring -----------------------------------------------------------------------------------
 def sample(pipe, transformer, steps: int) -> torch.Tensor:
-    from ditq.quant_core.builtin import PIXART_CALL
+    from ditq.quant_core.sampling import PIXART_CALL
 
     pipe.transformer = transformer
     with torch.no_grad():
@@ -262,7 +262,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    from ditq.quant_core.builtin import tiny_pixart_pipeline
+    from ditq.evaluation.builtin import tiny_pixart_pipeline
 
     args = parse_args(argv)
     sys.path.insert(0, str(HERE))

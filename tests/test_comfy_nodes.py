@@ -294,7 +294,7 @@ def codebook_patcher(fp):
     from ditq.nodes.comfy_adapter import _new_patcher
     from ditq.quant_core.layers import CodebookLinear
     from ditq.quant_core.models import set_submodule
-    from ditq.quant_core.qua2sedimo_options import kmeans_codebook
+    from ditq.quant_core.methods.qua2sedimo.options import kmeans_codebook
 
     base = copy.deepcopy(fp.model)
     for name, mod in list(base.diffusion_model.named_modules()):
@@ -308,7 +308,7 @@ def switch_patcher(fp):
     """rtn-w8a8-dynamic, with blocks.0.mlp.fc1 a timestep switch (8 bits early, 4 late)."""
     from ditq import QuantConfig, quantize
     from ditq.nodes.comfy_adapter import _new_patcher
-    from ditq.quant_core.switching import TimestepSwitchLinear, track_timesteps
+    from ditq.quant_core.methods.vidit_q.switching import TimestepSwitchLinear, track_timesteps
 
     base = copy.deepcopy(fp.model)
     quantize(base.diffusion_model, QuantConfig.preset("rtn-w8a8-dynamic"), progress=False)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ditq.quant_core.config import LayerScheme
 from ditq.quant_core.layers import CodebookLinear, QuantLinear, branches_lifted
-from ditq.quant_core.switching import TimestepSwitchLinear
+from ditq.quant_core.methods.vidit_q.switching import TimestepSwitchLinear
 
 K, N = 96, 80
 
