@@ -87,6 +87,16 @@ def random_lora(fp, rank: int, size: float, seed: int) -> dict[str, tuple[torch.
     return out
 
 
+def merged_fp(fp, stack: list[tuple[dict, float]]):
+    """A copy of ``fp`` with ``(factors, strength)`` LoRAs merged into its float weights."""
+    model = copy.deepcopy(fp)
+    with torch.no_grad():
+        for factors, strength in stack:
+            for name, (a, b) in factors.items():
+                model.get_submodule(name).weight += strength * b @ a
+    return model
+
+
 def add_adapter(transformer, factors, adapter: str, strength: float) -> None:
     """Inject ``factors`` as PEFT adapter ``adapter`` (alpha = rank) at ``strength``."""
     from peft import inject_adapter_in_model
@@ -161,6 +171,10 @@ def lora_row(pipe, fp, kind, lora_a, lora_b, steps, fp_ref) -> dict:
     add_adapter(q, lora_b, "b", -0.5)
     stacked = sample(pipe, q, steps)
     row["eff_stack"], row["vs_fp_stack"] = rel(stacked, base), rel(stacked, fp_ref["ab"])
+    # the same quantization applied to the FP model with the LoRAs merged: the error any quantized
+    # model of FP+LoRA has, branch or not (activation ranges move with the LoRA)
+    requantized = quantized(merged_fp(fp, [(lora_a, 1.0), (lora_b, -0.5)]), kind)
+    row["requantized_stack"] = rel(sample(pipe, requantized, steps), fp_ref["ab"])
     merge(q, True)
     row["merged_as_branch"] = rel(sample(pipe, q, steps), stacked)
     merge(q, False)
@@ -230,18 +244,21 @@ def report(args, ref, rows, cost, wall) -> str:
              f"Command: `python3 bench/lora_branches.py {' '.join(sys.argv[1:])}`", "",
              f"Rank-{args.rank} random LoRA on every block Linear ({', '.join(TARGETS)}), injected with PEFT; "
              f"effect = relative L2 change of the sampled latents the LoRA causes; 'vs FP+LoRA' = relative L2 "
-             f"between the quantized and the FP model, both with the LoRA; stack = adapter a at 1.0 plus b at -0.5.", "",
+             f"between the quantized and the FP model, both with the LoRA; stack = adapter a at 1.0 plus b at -0.5; "
+             f"quantized(FP+stack) = the same quantization applied to the FP model with the stack merged (what "
+             f"any quantized model of FP+LoRA reaches).", "",
              "| model | vs FP (no LoRA) | effect @0.1 | (÷ FP) | vs FP+LoRA @0.1 | effect @1.0 | (÷ FP) | "
-             "vs FP+LoRA @1.0 | stack effect | stack vs FP | merged-as-branch Δ | exact: disable / enable / "
-             "remove one / remove all |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|",
-             f"| FP | 0 | {ref['eff_0.1']:.4f} | 1 | 0 | {ref['eff_1.0']:.4f} | 1 | 0 | {ref['eff_stack']:.4f} | 0 | | |"]
+             "vs FP+LoRA @1.0 | stack effect | stack vs FP | quantized(FP+stack) vs FP | merged-as-branch Δ | "
+             "exact: disable / enable / remove one / remove all |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| FP | 0 | {ref['eff_0.1']:.4f} | 1 | 0 | {ref['eff_1.0']:.4f} | 1 | 0 | {ref['eff_stack']:.4f} | 0 | | | |"]
     for r in rows:
         exact = " / ".join("yes" if r[k] else "NO" for k in ("disable_exact", "enable_exact", "remove_one_exact",
                                                              "remove_all_exact"))
         lines.append(f"| {r['kind']} | {r['q_err']:.4f} | {r['eff_0.1']:.4f} | {r['eff_0.1'] / ref['eff_0.1']:.3f} | "
                      f"{r['vs_fp_0.1']:.4f} | {r['eff_1.0']:.4f} | {r['eff_1.0'] / ref['eff_1.0']:.3f} | "
                      f"{r['vs_fp_1.0']:.4f} | {r['eff_stack']:.4f} | {r['vs_fp_stack']:.4f} | "
+                     f"{r['requantized_stack']:.4f} | "
                      f"{r['merged_as_branch']:.1e} | {exact} |")
     lines += ["", f"Per-step cost on this CPU ({args.cost_kind}, one transformer forward of the CFG batch of "
               f"{len(PROMPTS)} prompts, median of {args.repeats}):", "", "| LoRA | ms | × no LoRA |", "|---|---|---|"]
