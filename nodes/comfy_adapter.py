@@ -1,9 +1,12 @@
 """The only ditq code that touches ComfyUI internals: model folders, building a quantized
-ModelPatcher, rebuilding a ComfyUI model from a ditq file, ComfyUI-native export, driving the sampler.
+ModelPatcher, rebuilding a ComfyUI model from a ditq file, ComfyUI-native export, LoRA patches as
+branches, driving the sampler.
 
 ComfyUI surface used (and nothing else; tests/comfy_standin fakes exactly this):
 ``folder_paths`` (models_dir, folder_names_and_paths, get_filename_list, get_full_path_or_raise,
-get_folder_paths), ``comfy.model_patcher.ModelPatcher``, ``comfy.model_detection.
+get_folder_paths), ``comfy.model_patcher`` (ModelPatcher, subclassed: ``load``,
+``patch_weight_to_device``, ``partially_unload``, ``unpatch_model``; LowVramPatch),
+``comfy.weight_adapter.LoRAAdapter`` (``weights``), ``comfy.lora.calculate_weight``, ``comfy.model_detection.
 model_config_from_unet_config``, ``comfy.model_management`` (get_torch_device, unet_offload_device,
 throw_exception_if_processing_interrupted), ``comfy.sample`` (sample, prepare_noise,
 fix_empty_latent_channels), ``comfy.utils.ProgressBar``; on a model: ``patcher.model`` (a
