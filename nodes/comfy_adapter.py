@@ -361,7 +361,9 @@ class _LoraAsBranches:
             owner = None
         if not isinstance(owner, _ComfyQuantMixin):
             return super().patch_weight_to_device(key, *args, **kwargs)
-        return None  # ditq layers: branches, attached by load()
+        # ditq layers: branches, attached by load(); asked for the weight (e.g. to save a
+        # checkpoint), they give their stored one, since a patch cannot be merged into it
+        return owner.weight if kwargs.get("return_weight") else None
 
     def partially_unload(self, *args, **kwargs):
         import comfy.model_patcher
