@@ -114,12 +114,16 @@ def test_branch_compiles_to_one_graph(monkeypatch):
 
 
 # -- PEFT -------------------------------------------------------------------------------------------
-peft = pytest.importorskip("peft")
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "lora_branches.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
+def peft():
+    return pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def bench(peft):
     spec = importlib.util.spec_from_file_location("lora_branches", BENCH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -127,7 +131,7 @@ def bench():
     return mod
 
 
-def test_peft_wraps_every_ditq_layer_and_refuses_what_it_cannot_keep_exact(builtin):
+def test_peft_wraps_every_ditq_layer_and_refuses_what_it_cannot_keep_exact(peft, builtin):
     from peft import inject_adapter_in_model
 
     from ditq import QuantConfig, lora_config, quantize
@@ -146,7 +150,7 @@ def test_peft_wraps_every_ditq_layer_and_refuses_what_it_cannot_keep_exact(built
     assert len(wrapped) == 3 and all(w.lora_A["default"].weight.dtype == torch.float32 for w in wrapped)
 
 
-def test_get_peft_model_disable_merge_as_branch_and_unload(builtin):
+def test_get_peft_model_disable_merge_as_branch_and_unload(peft, builtin):
     from ditq import QuantConfig, lora_config, quantize
 
     model = builtin.tiny_pixart_transformer(num_layers=1)
