@@ -79,6 +79,13 @@ class QuantModule(nn.Module):
         bias = next((b for n, b in self.named_buffers() if n.rsplit(".", 1)[-1] == "bias"), None)
         return bias.dtype if bias is not None else torch.float32
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """A stored tensor of this layer: PEFT places a new adapter on the device of a layer's
+        ``qweight`` (its name for packed weights), which codebook and switch layers have no other way
+        to show (no ``weight``, no parameters)."""
+        return next(self.buffers())
+
     def remove_branch(self, name: str) -> LowRankBranch:
         if name not in self.lora_branches:
             raise KeyError(f"layer {self.layer_name or type(self).__name__!r}: no LoRA branch {name!r} "

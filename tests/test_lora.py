@@ -145,6 +145,10 @@ def test_peft_wraps_every_ditq_layer_and_refuses_what_it_cannot_keep_exact(peft,
         inject_adapter_in_model(lora_config(r=4, target_modules=["to_q"], lora_bias=True), copy.deepcopy(model))
     with pytest.raises(ValueError, match="unsupported variant"):
         inject_adapter_in_model(lora_config(r=4, target_modules=["to_q"], use_dora=True), copy.deepcopy(model))
+    block = model.transformer_blocks[0]  # layer types with buffers only, no `weight`:
+    block.ff.net[2] = CodebookLinear.from_assignment(nn.Linear(1024, 256), torch.randint(0, 16, (256, 1024)),
+                                                     torch.randn(1, 16, 1), 4, name="cb")
+    block.attn1.to_q = TimestepSwitchLinear([block.attn1.to_q], [500.0], [(0, 4), (0, 3)])
     inject_adapter_in_model(lora_config(r=4, target_modules=["to_q", "ff.net.2"]), model)
     wrapped = [m for m in model.modules() if isinstance(m, QuantLoraLayer)]
     assert len(wrapped) == 3 and all(w.lora_A["default"].weight.dtype == torch.float32 for w in wrapped)
