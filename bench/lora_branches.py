@@ -28,7 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 PROMPTS = ["a red fox in snow", "a city at night", "a bowl of fruit on a wooden table", "a lighthouse at dawn"]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
-KINDS = ["rtn-w8a8-dynamic", "rtn-w4a8", "rtn-w4a16", "rtn-fp8", "kmeans-c4", "switch-w8/w4"]
+KINDS = ["rtn-w8a8-dynamic", "rtn-w4a8", "rtn-w4a16", "rtn-fp8", "kmeans-c4", "switch-w4/w8"]
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -47,7 +47,8 @@ def codebook_transformer(fp):
 
 
 def switch_transformer(fp):
-    """rtn-w8a8-dynamic with every layer a timestep switch: 8-bit weights for t >= 500, 4-bit after."""
+    """rtn-w8a8-dynamic with every layer a timestep switch: a 4-bit view of the weights for t >= 500,
+    the 8 stored bits after (late 4-bit steps barely move this model's output)."""
     from ditq import QuantConfig, quantize
     from ditq.quant_core.layers import QuantLinear
     from ditq.quant_core.models import set_submodule
@@ -57,7 +58,7 @@ def switch_transformer(fp):
     quantize(model, QuantConfig.preset("rtn-w8a8-dynamic"), progress=False)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QuantLinear):
-            set_submodule(model, name, TimestepSwitchLinear([mod], [500.0], [(0, 8), (0, 4)]))
+            set_submodule(model, name, TimestepSwitchLinear([mod], [500.0], [(0, 4), (0, 8)]))
     track_timesteps(model)
     return model
 
@@ -67,7 +68,7 @@ def quantized(fp, kind):
 
     if kind == "kmeans-c4":
         return codebook_transformer(fp)
-    if kind == "switch-w8/w4":
+    if kind == "switch-w4/w8":
         return switch_transformer(fp)
     model = copy.deepcopy(fp)
     quantize(model, QuantConfig.preset(kind), progress=False)
