@@ -181,18 +181,23 @@ def test_get_peft_model_disable_merge_as_branch_and_unload(peft, builtin):
     assert 0.05 < float((with_lora - base).norm() / base.norm())
 
 
-STEPS = 3
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def lora_setup(bench, tiny_pipe):
+    """The pipeline, two random LoRAs and the FP model's outputs with them (computed once)."""
+    pipe, fp = copy.copy(tiny_pipe), tiny_pipe.transformer
+    lora_a, lora_b = (bench.random_lora(fp, 4, 0.26, seed) for seed in (1, 2))
+    return pipe, fp, lora_a, lora_b, bench.fp_reference(pipe, fp, lora_a, lora_b, steps=STEPS)
 
 
 @pytest.mark.parametrize("kind", ["rtn-w4a8", "kmeans-c4"])  # W8A8 and the other types: the bench
-def test_peft_lora_on_builtin_pixart_behaves_as_on_fp(bench, tiny_pipe, kind):
+def test_peft_lora_on_builtin_pixart_behaves_as_on_fp(bench, lora_setup, kind):
     """Inject a LoRA with PEFT into the quantized transformer, sample, disable, re-enable, stack a
     second adapter, delete one, delete all: each restore bit-exact, the LoRA's effect as on FP, and
     the quantized model with the LoRA as close to FP+LoRA as the same quantization of FP+LoRA gets."""
-    pipe = copy.copy(tiny_pipe)
-    fp = tiny_pipe.transformer
-    lora_a, lora_b = (bench.random_lora(fp, 4, 0.26, seed) for seed in (1, 2))
-    ref = bench.fp_reference(pipe, copy.deepcopy(fp), lora_a, lora_b, steps=STEPS)
+    pipe, fp, lora_a, lora_b, ref = lora_setup
     row = bench.lora_row(pipe, fp, kind, lora_a, lora_b, STEPS, ref)
     assert all(row[k] for k in ("disable_exact", "enable_exact", "remove_one_exact", "remove_all_exact")), row
     assert row["merged_as_branch"] < 1e-5
