@@ -12,6 +12,7 @@ item order, so every rank ends with what one process would have computed.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -73,6 +74,10 @@ def shard(items: Sequence[T]) -> list[tuple[int, T]]:
 def _to_cpu(obj):
     if torch.is_tensor(obj):
         return obj.detach().cpu()
+    if isinstance(obj, torch.nn.Module):
+        return obj.cpu()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _to_cpu(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(o) for o in obj)
     if isinstance(obj, dict):
@@ -128,23 +133,31 @@ class RankFailed(RuntimeError):
     """Rank 0 raised inside a :func:`main_only` function; the other ranks raise this instead of waiting."""
 
 
+_in_main_only = False  # set on rank 0 while a main_only function runs: nested ones run directly
+
+
 def main_only(fn: Callable[..., R]) -> Callable[..., R]:
     """Run ``fn`` on rank 0 only (file writes: checkpoints, cards, plots, resumable state); the other
     ranks wait for it and receive its return value. An error on rank 0 is re-raised there and
-    reported to the others as :class:`RankFailed`, so no rank is left waiting forever."""
+    reported to the others as :class:`RankFailed`, so no rank is left waiting forever. All ranks must
+    make the same calls, except inside another ``main_only`` function (those run on rank 0 only)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if not active():
+        global _in_main_only
+        if not active() or _in_main_only:
             return fn(*args, **kwargs)
-        if is_main():
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as e:
-                broadcast_object(("error", f"{type(e).__name__}: {e}"))
-                raise
-            return broadcast_object(("ok", result))[1]
-        status, value = broadcast_object(None)
-        if status == "error":
-            raise RankFailed(f"{fn.__qualname__} failed on rank 0: {value}")
-        return value
+        if not is_main():
+            status, value = broadcast_object(None)
+            if status == "error":
+                raise RankFailed(f"{fn.__qualname__} failed on rank 0: {value}")
+            return value
+        _in_main_only = True
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as e:
+            broadcast_object(("error", f"{type(e).__name__}: {e}"))
+            raise
+        finally:
+            _in_main_only = False
+        return broadcast_object(("ok", result))[1]
     return wrapper

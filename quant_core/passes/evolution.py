@@ -131,11 +131,8 @@ class _Search:
         return {"choices": [list(c) for c in self.choices], "settings": s}
 
     def save(self) -> None:
-        if self.state_path is not None:
-            self._write_state()
-
-    @dist.main_only
-    def _write_state(self) -> None:
+        if self.state_path is None:
+            return
         from ..serialization import atomic_write_text
 
         version, internal, gauss = self.rng.getstate()

@@ -142,15 +142,11 @@ class LabelStore:
         return {int(k): v for k, v in data["records"].items()}
 
     def add(self, index: int, record: dict) -> None:
-        self.records[index] = record
-        if self.path:
-            self._write()
-
-    @dist.main_only
-    def _write(self) -> None:
         from ...serialization import atomic_write_text
 
-        atomic_write_text(json.dumps({"fingerprint": self.fingerprint, "records": self.records}), self.path)
+        self.records[index] = record
+        if self.path:
+            atomic_write_text(json.dumps({"fingerprint": self.fingerprint, "records": self.records}), self.path)
 
 
 def fingerprint(bank: OptionBank, settings: dict) -> str:

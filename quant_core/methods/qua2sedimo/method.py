@@ -112,7 +112,7 @@ def search(pipe, config: QuantConfig, *, workdir: str | Path | None = None, prog
     else:
         bank = OptionBank.build(model, layers, options, act_bits=act_bits_of(config), progress=progress)
         if bank_path:
-            dist.main_only(bank.save)(bank_path)
+            bank.save(bank_path)
     times["options"] = time.perf_counter() - start
 
     start = time.perf_counter()
