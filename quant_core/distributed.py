@@ -48,9 +48,10 @@ def barrier() -> None:
 
 def init_from_env() -> bool:
     """Join the group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1): NCCL with one
-    GPU per local rank when CUDA is available, gloo otherwise. Returns whether a group is running."""
-    if active() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return active()
+    GPU per local rank when CUDA is available, gloo otherwise. Returns whether this call started it
+    (then the caller destroys it); False without torchrun or when a group is already running."""
+    if (dist.is_available() and dist.is_initialized()) or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
