@@ -130,6 +130,26 @@ def map_round_robin(fn: Callable[[T], R], items: Sequence[T],
             yield item, result
 
 
+def map_balanced(fn: Callable[[T], R], items: Sequence[T], cost: Callable[[T], float]) -> Iterator[tuple[T, R]]:
+    """Yield ``(item, fn(item))`` in item order for items of uneven cost (layers of different widths):
+    items go to ranks largest-cost-first onto the least loaded rank, each rank computes all of its
+    items, then every result is broadcast from its rank in item order. Memory holds this rank's
+    results until they are sent. One process: a plain lazy map (progress callbacks stay per item)."""
+    if not active():
+        for item in items:
+            yield item, fn(item)
+        return
+    load = [0.0] * world_size()
+    owner = [0] * len(items)
+    for i in sorted(range(len(items)), key=lambda i: (-cost(items[i]), i)):
+        owner[i] = min(range(len(load)), key=lambda r: (load[r], r))
+        load[owner[i]] += cost(items[i])
+    me = rank()
+    mine = {i: fn(item) for i, item in enumerate(items) if owner[i] == me}
+    for i, item in enumerate(items):
+        yield item, broadcast_object(mine.pop(i, None), src=owner[i])
+
+
 class RankFailed(RuntimeError):
     """Rank 0 raised inside a :func:`main_only` function; the other ranks raise this instead of waiting."""
 

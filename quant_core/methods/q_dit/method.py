@@ -107,7 +107,10 @@ class QDiT:
             return qz.quantize_weight(w, scheme.weight_bits, symmetric=scheme.weight_symmetric,
                                       group_size=scheme.group_size, name=f"{name}.weight")
 
-        computed = dist.map_round_robin(weights, list(ctx.layers))
+        def cost(name: str) -> int:  # GPTQ walks K columns of N rows and factors a K x K Hessian
+            return ctx.layers[name].in_features * (ctx.layers[name].in_features + ctx.layers[name].out_features)
+
+        computed = dist.map_balanced(weights, list(ctx.layers), cost=cost)
         for (name, _), (_, (q, scale, zero)) in zip(ctx.iter_layers("q-dit"), computed):
             linear = ctx.linear(name)
             q, scale, zero = (None if t is None else t.to(linear.weight.device) for t in (q, scale, zero))

@@ -193,7 +193,7 @@ class OptionBank:
         entries, numel = {}, {}
         names = list(layers)
         bar = tqdm(names, desc="qua2sedimo options", disable=not progress or not dist.is_main(), leave=False)
-        for (name, built), _ in zip(dist.map_round_robin(row, names), bar):
+        for (name, built), _ in zip(dist.map_balanced(row, names, cost=lambda n: model.get_submodule(n).weight.numel()), bar):
             linear = model.get_submodule(name)
             numel[name] = linear.weight.numel()
             for e in built.values():
