@@ -18,20 +18,21 @@ def _demo(args) -> int:
 def _quantize(args) -> int:
     """Under ``torchrun`` (WORLD_SIZE > 1) the ranks join one process group and split calibration
     and per-layer work; every rank ends with the same model and rank 0 alone prints and saves."""
-    import torch
     import torch.distributed
 
     from .quant_core import distributed as dist
 
     started = dist.init_from_env()
     try:
-        return _quantize_on_this_rank(args, torch)
+        return _quantize_on_this_rank(args)
     finally:
         if started:
             torch.distributed.destroy_process_group()
 
 
-def _quantize_on_this_rank(args, torch) -> int:
+def _quantize_on_this_rank(args) -> int:
+    import torch
+
     from .demo import load_pipeline
     from .quant_core import distributed as dist
     from .quant_core.calibration import calibrate

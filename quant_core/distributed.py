@@ -7,8 +7,9 @@ torch.distributed collectives only; objects (per-layer results, candidate scores
 inputs) travel with ``all_gather_object`` / ``broadcast_object_list``, tensors are moved to the CPU first
 so a rank unpickles them on its own device.
 
-Determinism: work is split round-robin (item ``i`` on rank ``i % world``) and results come back in
-item order, so every rank ends with what one process would have computed.
+Determinism: work is split round-robin (item ``i`` on rank ``i % world``) or by cost, results come
+back in item order, and every result is computed by one rank exactly as one process computes it, so
+every rank ends with what one process would have (bit-identical with the same threads per process).
 """
 from __future__ import annotations
 

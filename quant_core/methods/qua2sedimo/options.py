@@ -190,15 +190,19 @@ class OptionBank:
                 out[opt.name] = OptionEntry(mod, relative_error(linear.weight.detach(), mod), mod.weight_nbytes())
             return out
 
+        def size(name: str) -> int:
+            return model.get_submodule(name).weight.numel()
+
         entries, numel = {}, {}
         names = list(layers)
-        bar = tqdm(names, desc="qua2sedimo options", disable=not progress or not dist.is_main(), leave=False)
-        for (name, built), _ in zip(dist.map_balanced(row, names, cost=lambda n: model.get_submodule(n).weight.numel()), bar):
-            linear = model.get_submodule(name)
-            numel[name] = linear.weight.numel()
-            for e in built.values():
-                e.module.to(linear.weight.device)
-            entries[name] = built
+        with tqdm(total=len(names), desc="qua2sedimo options", disable=not progress or not dist.is_main(),
+                  leave=False) as bar:
+            for name, built in dist.map_balanced(row, names, cost=size):
+                device = model.get_submodule(name).weight.device
+                for e in built.values():
+                    e.module.to(device)
+                entries[name], numel[name] = built, size(name)
+                bar.update(1)
         return cls(entries, numel, act_bits)
 
     @property
