@@ -1,6 +1,7 @@
-"""Run by tests/test_distributed.py under ``torchrun`` (1 or 2 gloo processes on the CPU): calibration,
-an evolutionary search, a small Qua²SeDiMo search and its checkpoint, all written to ``argv[1]`` by rank 0,
-so the test can compare what one and two processes produce."""
+"""Run by tests/test_distributed.py under ``torchrun`` (2 gloo processes on the CPU) and in the test
+process: calibration, an evolutionary search, a small Qua²SeDiMo search and its checkpoint, and
+``ditq quantize --preset q-dit-w4a8``, all written to ``argv[1]`` by rank 0, so the test can compare
+what one and two processes produce."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import torch
 
 def main(out: Path) -> None:
     from ditq import QuantConfig, calibrate, quantize, save_quantized
+    from ditq.cli import main as cli_main
     from ditq.evaluation.builtin import PIXART_CALL, tiny_pixart_pipeline
     from ditq.quant_core import distributed as dist
     from ditq.quant_core.methods.qua2sedimo.method import search
@@ -59,6 +61,10 @@ def main(out: Path) -> None:
     searched = search(pipe, cfg, workdir=out / "q2s", progress=False)
     quantize(pipe.transformer, searched.config, progress=False)
     save_quantized(pipe.transformer, out / "q2s.safetensors")
+
+    # the command line inside the running group: a GPTQ preset, calibration and layers split
+    assert cli_main(["quantize", "--preset", "q-dit-w4a8", "--calib-prompts", "3", "--steps", "2",
+                     "--out", str(out / "q_dit.safetensors")]) == 0
 
 
 if __name__ == "__main__":

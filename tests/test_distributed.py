@@ -103,15 +103,9 @@ def test_qua2sedimo_search_gives_the_same_checkpoint(runs):
     assert not leftovers
 
 
-def test_cli_gptq_preset_same_checkpoint_with_two_processes(tmp_path):
-    """`torchrun --no-python ditq quantize`: the console script, as documented in the README."""
-    from ditq.cli import main
-
-    args = ["quantize", "--preset", "q-dit-w4a8", "--calib-prompts", "3", "--steps", "2", "--out"]
-    with one_thread():
-        assert main(args + [str(tmp_path / "np1.safetensors")]) == 0
-    torchrun(2, "--no-python", str(Path(sys.executable).with_name("ditq")), *args, "np2.safetensors", cwd=tmp_path)
-    same_tensors(tmp_path / "np1.safetensors", tmp_path / "np2.safetensors")
+def test_cli_gptq_preset_same_checkpoint_with_two_processes(runs):
+    """`ditq quantize` (cli.main) inside the group torchrun started: calibration and GPTQ split."""
+    same_tensors(runs[1] / "q_dit.safetensors", runs[2] / "q_dit.safetensors")
 
 
 def test_calibration_under_accelerate_offload_hooks(tiny_pipe, fresh, calib_kwargs):
