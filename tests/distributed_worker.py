@@ -31,6 +31,9 @@ def main(out: Path) -> None:
                       needs=("act_absmax", "act_samples", "model_inputs"), progress=False,
                       stat_options={"act_samples": {"limit": 40}}, **call)
     calib.save(out / "calib.safetensors")
+    # one prompt: rank 1 runs nothing and must still end with rank 0's statistics
+    calibrate(pipe, ["a red fox in snow"], num_inference_steps=2, needs=("act_absmax", "act_samples"),
+              progress=False, **call).save(out / "calib_one.safetensors")
 
     evaluated = []  # genomes this rank evaluated: the work must be split, the result not change
 

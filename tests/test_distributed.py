@@ -79,6 +79,9 @@ def test_calibration_statistics_equal_single_process(runs):
     assert one.inputs.calls == two.inputs.calls and len(one.inputs.calls) == 3 * 3
     for k, t in one.inputs.tensors.items():
         assert torch.equal(t, two.inputs.tensors[k]), k
+    one, two = (CalibrationData.load(runs[n] / "calib_one.safetensors") for n in (1, 2))
+    assert one.layers == two.layers and torch.equal(one.timesteps, two.timesteps) and len(one.timesteps) == 2
+    assert all(torch.equal(one.stats[n][s], two.stats[n][s]) for n in one.layers for s in one.stats[n])
 
 
 def test_search_split_over_ranks_finds_the_same_genome(runs):
