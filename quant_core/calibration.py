@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from . import distributed as dist
 from .sampling import takes_prompts
 from .methods import calibration_needs
 from .models import select_layers
@@ -29,6 +30,13 @@ class Statistic:
 
     def result(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def start_run(self, run: int) -> None:
+        """A new sampling run ``run`` (its index among all runs of the calibration) begins."""
+
+    def merge_ranks(self) -> None:
+        """Replace this rank's summary by the summary of all ranks' inputs (torch.distributed)."""
+        raise NotImplementedError(f"calibration statistic {type(self).__name__} has no cross-rank merge")
 
 
 class ChannelAbsMax(Statistic):
@@ -46,28 +54,49 @@ class ChannelAbsMax(Statistic):
     def result(self):
         return torch.stack(self.rows)
 
+    def merge_ranks(self):  # a rank that ran no prompt contributes zeros, neutral for a max of |x|
+        shapes = [s for s in dist.gather_objects(self.result().shape if self.rows else None) if s is not None]
+        if not shapes:  # the layer never ran on any rank
+            return
+        mine = torch.zeros(max(s[0] for s in shapes), shapes[0][1])
+        if self.rows:
+            mine[:len(self.rows)] = self.result()
+        self.rows = list(dist.all_reduce(mine, "max"))
+
 
 class RowSample(Statistic):
     """A uniform random sample of at most ``limit`` input rows over all steps, for methods that need
     real inputs (GPTQ's Hessian, search fitness): ``[<=limit, K]``. Each row draws a random key and
-    the rows with the largest keys are kept, which is uniform sampling without replacement."""
+    the rows with the largest keys are kept, which is uniform sampling without replacement. The keys
+    of a run depend only on (seed, run index), so runs split across ranks draw the keys one process
+    would, and the largest keys of the union of the ranks' samples are the single-process sample."""
 
     def __init__(self, limit: int = 256, seed: int = 0):
-        self.limit = limit
+        self.limit, self.seed = limit, seed
         self.gen = torch.Generator().manual_seed(seed)
         self.rows: torch.Tensor | None = None
-        self.keys = torch.empty(0)
+        self.keys = torch.empty(0, dtype=torch.float64)
+
+    def start_run(self, run):
+        self.gen.manual_seed(self.seed * 1_000_003 + run)
 
     def update(self, step, x):
-        x = x.detach().float().cpu()
-        keys = torch.rand(x.shape[0], generator=self.gen)
-        rows = x if self.rows is None else torch.cat([self.rows, x])
-        keys = torch.cat([self.keys, keys])
-        keep = keys.topk(min(self.limit, keys.numel())).indices
+        self._keep(torch.rand(x.shape[0], generator=self.gen, dtype=torch.float64), x.detach().float().cpu())
+
+    def _keep(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.rows is not None:
+            rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])
+        keep = keys.topk(min(self.limit, keys.numel())).indices  # sorted by key: the same order on any split
         self.rows, self.keys = rows[keep], keys[keep]
 
     def result(self):
         return self.rows
+
+    def merge_ranks(self):
+        parts = [p for p in dist.gather_objects(None if self.rows is None else (self.keys, self.rows))
+                 if p is not None]
+        self.rows, self.keys = None, torch.empty(0, dtype=torch.float64)
+        self._keep(torch.cat([k for k, _ in parts]), torch.cat([r for _, r in parts]))
 
 
 STATISTICS: dict[str, Callable[[], Statistic]] = {"act_absmax": ChannelAbsMax, "act_samples": RowSample}
@@ -116,6 +145,19 @@ class ModelInputs:
             named = dict(self.signature.bind_partial(*args, **kwargs).arguments)
         self.calls.append({k: self._encode(k, v) for k, v in named.items()})
 
+    def merged_runs(self, run_starts: dict[int, int]) -> "ModelInputs":
+        """The calls of every rank's runs (``run_starts``: run index -> first call here), gathered and
+        recorded again in run order, as one process running all runs would have recorded them."""
+        bounds = sorted(run_starts.items(), key=lambda kv: kv[1]) + [(None, len(self.calls))]
+        mine = {run: [decode_model_call(c, self.tensors) for c in self.calls[start:end]]
+                for (run, start), (_, end) in zip(bounds, bounds[1:])}
+        merged = ModelInputs(self.signature)
+        runs = {run: calls for part in dist.gather_objects(mine) for run, calls in part.items()}
+        for run in sorted(runs):
+            for kwargs in runs[run]:
+                merged.update((), kwargs)
+        return merged
+
 
 def decode_model_call(call: dict, tensors: dict[str, torch.Tensor], device=None) -> dict:
     """Keyword arguments of one recorded call (see :class:`ModelInputs`), tensors moved to ``device``."""
@@ -158,6 +200,7 @@ class CalibrationData:
             raise KeyError(f"calibration has no {stat!r} for layer {layer!r} (has {have}); "
                            f"re-run calibrate with needs including {stat!r}") from None
 
+    @dist.main_only
     def save(self, path) -> None:
         from .serialization import atomic_save_file
 
@@ -249,10 +292,32 @@ class CalibrationRecorder:
         self.stats = {name: {n: STATISTICS[n](**opts.get(n, {})) for n in self.needs} for name in self.layers}
         self.timesteps: list[float] = []
         self.step = -1
+        self.run = -1
+        self.run_starts: dict[int, int] = {}  # run index -> its first call in self.inputs
         self._handles: list = []
 
-    def new_run(self) -> None:
+    def new_run(self, run: int | None = None) -> None:
+        """Start sampling run ``run`` (default: the next one); calibrate passes each batch's index."""
         self.step = -1
+        self.run = self.run + 1 if run is None else run
+        if self.inputs is not None:
+            self.run_starts[self.run] = len(self.inputs.calls)
+        for stats in self.stats.values():
+            for stat in stats.values():
+                stat.start_run(self.run)
+
+    def merge_ranks(self) -> None:
+        """Merge what every rank of a process group recorded (each ran some of the runs), so every rank
+        holds what one process running all runs in index order would have: statistics merged, rank 0's
+        timesteps (it ran run 0), and the model inputs of all runs in run order."""
+        if not dist.active():
+            return
+        for name in self.layers:
+            for stat in self.stats[name].values():
+                stat.merge_ranks()
+        self.timesteps = dist.broadcast_object(self.timesteps)
+        if self.inputs is not None:
+            self.inputs = self.inputs.merged_runs(self.run_starts)
 
     def _before_model(self, module, args, kwargs):
         self.step += 1
@@ -324,7 +389,8 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
         return CalibrationData({}, torch.zeros(0), meta, None)
     layers = list(layers) if layers is not None else list(select_layers(model))
     batches = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
-    bar = tqdm(total=len(batches) * num_inference_steps, desc="calibrate", disable=not progress)
+    mine = dist.shard(batches)  # under torch.distributed: this rank's batches, seeded as in one process
+    bar = tqdm(total=len(mine) * num_inference_steps, desc="calibrate", disable=not progress or not dist.is_main())
     kwargs = dict(pipe_kwargs)
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
@@ -336,8 +402,8 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
     rec = CalibrationRecorder(model, layers, needs, on_step=lambda step: bar.update(1), stat_options=stat_options)
     try:
         with rec, torch.no_grad():
-            for i, batch in enumerate(batches):
-                rec.new_run()
+            for i, batch in mine:
+                rec.new_run(i)
                 gen = torch.Generator("cpu").manual_seed(seed + i)
                 if text:
                     pipe(prompt=batch, num_inference_steps=num_inference_steps, generator=gen, **kwargs)
@@ -346,4 +412,5 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
                          output_type="np", **kwargs)
     finally:
         bar.close()
+    rec.merge_ranks()
     return rec.result(meta)

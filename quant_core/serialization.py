@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed as dist
 from .layers import LAYER_TYPES, QuantModule
 
 FORMAT_VERSION = 1
@@ -58,6 +59,7 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+@dist.main_only
 def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -65,10 +67,12 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+@dist.main_only
 def atomic_write_text(text: str, path) -> None:
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
+@dist.main_only
 def atomic_write_bytes(data: bytes, path) -> None:
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
@@ -146,6 +150,7 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in d.items() if not k.startswith("_") or k in ("_class_name", "_diffusers_version")}
 
 
+@dist.main_only
 def save_quantized(model: nn.Module, path, *, model_config: dict[str, Any] | None = None) -> Path:
     """Write a quantized model: a folder (diffusers layout), or one file if ``path`` ends in
     ``.safetensors``. Returns the path written. ``model_config`` replaces the config read from
