@@ -1,0 +1,113 @@
+"""The video DiTs and the image DiTs people run today, in miniature: the real diffusers classes
+(Latte, CogVideoX, Wan 2.x T2V/I2V, HunyuanDiT, Flux, SD3/3.5) built from small configs with seeded
+weights, and one seeded input batch each, so layer policies, quantize -> save -> load and the
+methods are exercised on every architecture offline in seconds. Widths are 128 (two heads of 64):
+the smallest at which per-channel scales cost about what they cost on real models.
+"""
+from __future__ import annotations
+
+import torch
+
+TINY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "latte": ("LatteTransformer3DModel", dict(
+        num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=8, patch_size=2, cross_attention_dim=128, caption_channels=32, video_length=3,
+        norm_type="ada_norm_single", num_embeds_ada_norm=1000)),
+    "cogvideox": ("CogVideoXTransformer3DModel", dict(
+        num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4, num_layers=2,
+        sample_width=8, sample_height=8, sample_frames=9, patch_size=2, text_embed_dim=32,
+        time_embed_dim=32, max_text_seq_length=8)),
+    "wan": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=256, num_layers=2, rope_max_seq_len=32)),
+    "wan-i2v": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=8, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=256, num_layers=2, rope_max_seq_len=32, image_dim=32,
+        added_kv_proj_dim=128)),
+    "hunyuandit": ("HunyuanDiT2DModel", dict(
+        num_attention_heads=2, attention_head_dim=64, hidden_size=128, in_channels=4, patch_size=2,
+        sample_size=8, num_layers=4, cross_attention_dim=32, cross_attention_dim_t5=32,
+        pooled_projection_dim=16, text_len=8, text_len_t5=8)),
+    "flux": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=64,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(16, 24, 24),
+        guidance_embeds=True)),
+    "sd3": ("SD3Transformer2DModel", dict(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=64, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=128, pooled_projection_dim=32, out_channels=4,
+        pos_embed_max_size=16)),
+    "sd3.5": ("SD3Transformer2DModel", dict(  # SD3.5: qk-norm, an image-only attn2 in dual-attention blocks
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=64, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=128, pooled_projection_dim=32, out_channels=4,
+        pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))),
+}
+VIDEO = ("latte", "cogvideox", "wan", "wan-i2v")
+FRAMES, SIDE, TEXT_LEN = 3, 8, 8
+
+
+def tiny_transformer(family: str, seed: int = 0):
+    """The family's diffusers transformer from its tiny config, seeded, in eval mode."""
+    import diffusers
+
+    try:
+        class_name, config = TINY_CONFIGS[family]
+    except KeyError:
+        raise ValueError(f"unknown architecture {family!r}; known: {sorted(TINY_CONFIGS)}") from None
+    torch.manual_seed(seed)
+    return getattr(diffusers, class_name)(**config).eval()
+
+
+def example_inputs(family: str, seed: int = 0, batch: int = 2) -> dict:
+    """Keyword arguments of one forward call of ``tiny_transformer(family)``, as its pipeline passes
+    them (latents, timestep, text embeddings and the family's extra conditioning), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    _, cfg = TINY_CONFIGS[family]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    timestep = torch.tensor([700.0, 300.0][:batch] + [500.0] * max(0, batch - 2))
+    if family == "latte":
+        return dict(hidden_states=randn(batch, 4, FRAMES, SIDE, SIDE), timestep=timestep,
+                    encoder_hidden_states=randn(batch, TEXT_LEN, cfg["caption_channels"]))
+    if family == "cogvideox":
+        return dict(hidden_states=randn(batch, FRAMES, 4, SIDE, SIDE), timestep=timestep.long(),
+                    encoder_hidden_states=randn(batch, TEXT_LEN, cfg["text_embed_dim"]))
+    if family in ("wan", "wan-i2v"):
+        out = dict(hidden_states=randn(batch, cfg["in_channels"], FRAMES, SIDE, SIDE), timestep=timestep,
+                   encoder_hidden_states=randn(batch, TEXT_LEN, cfg["text_dim"]))
+        if family == "wan-i2v":
+            out["encoder_hidden_states_image"] = randn(batch, 4, cfg["image_dim"])
+        return out
+    if family == "hunyuandit":
+        from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+        grid = SIDE // cfg["patch_size"]
+        rope = get_2d_rotary_pos_embed(cfg["attention_head_dim"], ((0, 0), (grid, grid)), (grid, grid),
+                                       output_type="pt")
+        return dict(hidden_states=randn(batch, 4, SIDE, SIDE), timestep=timestep,
+                    encoder_hidden_states=randn(batch, TEXT_LEN, cfg["cross_attention_dim"]),
+                    text_embedding_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long),
+                    encoder_hidden_states_t5=randn(batch, TEXT_LEN, cfg["cross_attention_dim_t5"]),
+                    text_embedding_mask_t5=torch.ones(batch, TEXT_LEN, dtype=torch.long),
+                    image_meta_size=torch.tensor([[SIDE * 8, SIDE * 8, SIDE * 8, SIDE * 8, 0, 0]] * batch,
+                                                 dtype=torch.float32),
+                    style=torch.zeros(batch, dtype=torch.long), image_rotary_emb=rope)
+    if family == "flux":
+        ys, xs = torch.meshgrid(torch.arange(SIDE), torch.arange(SIDE), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(ys), ys, xs], -1).reshape(-1, 3).float()
+        return dict(hidden_states=randn(batch, SIDE * SIDE, cfg["in_channels"]), timestep=timestep / 1000,
+                    encoder_hidden_states=randn(batch, TEXT_LEN, cfg["joint_attention_dim"]),
+                    pooled_projections=randn(batch, cfg["pooled_projection_dim"]),
+                    img_ids=img_ids, txt_ids=torch.zeros(TEXT_LEN, 3), guidance=torch.full((batch,), 3.5))
+    if family in ("sd3", "sd3.5"):
+        return dict(hidden_states=randn(batch, 4, SIDE, SIDE), timestep=timestep,
+                    encoder_hidden_states=randn(batch, TEXT_LEN, cfg["joint_attention_dim"]),
+                    pooled_projections=randn(batch, cfg["pooled_projection_dim"]))
+    raise ValueError(f"unknown architecture {family!r}; known: {sorted(TINY_CONFIGS)}")
+
+
+def forward(model, inputs: dict) -> torch.Tensor:
+    """The model's prediction for ``inputs`` (the first output, as a float tensor)."""
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0].float()
