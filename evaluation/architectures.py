@@ -26,7 +26,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
         added_kv_proj_dim=128)),
     "hunyuandit": ("HunyuanDiT2DModel", dict(
         num_attention_heads=2, attention_head_dim=64, hidden_size=128, in_channels=4, patch_size=2,
-        sample_size=8, num_layers=4, cross_attention_dim=32, cross_attention_dim_t5=32,
+        sample_size=8, num_layers=4, cross_attention_dim=128, cross_attention_dim_t5=32,
         pooled_projection_dim=16, text_len=8, text_len_t5=8)),
     "flux": ("FluxTransformer2DModel", dict(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=64,
@@ -74,8 +74,10 @@ def example_inputs(family: str, seed: int = 0, batch: int = 2) -> dict:
         return dict(hidden_states=randn(batch, FRAMES, 4, SIDE, SIDE), timestep=timestep.long(),
                     encoder_hidden_states=randn(batch, TEXT_LEN, cfg["text_embed_dim"]))
     if family in ("wan", "wan-i2v"):
+        # Wan I2V splits image from text tokens assuming the text encoder's 512 (hard-coded in diffusers)
+        text_len = 512 if family == "wan-i2v" else TEXT_LEN
         out = dict(hidden_states=randn(batch, cfg["in_channels"], FRAMES, SIDE, SIDE), timestep=timestep,
-                   encoder_hidden_states=randn(batch, TEXT_LEN, cfg["text_dim"]))
+                   encoder_hidden_states=randn(batch, text_len, cfg["text_dim"]))
         if family == "wan-i2v":
             out["encoder_hidden_states_image"] = randn(batch, 4, cfg["image_dim"])
         return out
