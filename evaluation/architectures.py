@@ -113,3 +113,78 @@ def forward(model, inputs: dict) -> torch.Tensor:
     """The model's prediction for ``inputs`` (the first output, as a float tensor)."""
     with torch.no_grad():
         return model(**inputs, return_dict=False)[0].float()
+
+
+# -- whole pipelines: the real diffusers pipeline classes around the tiny transformers ----------
+# Text encoders are tiny T5 / CLIP models behind a byte-level tokenizer (no vocabulary files), the
+# VAEs are tiny; calibration runs the pipelines' own denoising loops (CFG, Flux's distilled guidance,
+# MMDiT joint tokens, video frames) up to the latents.
+PIPELINE_CALLS = {
+    "wan": dict(height=64, width=64, num_frames=5, guidance_scale=5.0, max_sequence_length=TEXT_LEN),
+    "flux": dict(height=16, width=16, guidance_scale=3.5, max_sequence_length=TEXT_LEN),
+    "sd3": dict(height=16, width=16, guidance_scale=5.0, max_sequence_length=TEXT_LEN),
+}
+
+
+def _byte_tokenizer(max_length: int):
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer(model_max_length=max_length)
+
+
+def _t5(d_model: int, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=384, d_model=d_model, d_ff=64, d_kv=16, num_heads=2, num_layers=2,
+                                   relative_attention_num_buckets=8, is_encoder_decoder=False,
+                                   use_cache=False)).eval()
+
+
+def _clip(hidden: int, seed: int, projection: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=384, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, projection_dim=projection or hidden,
+                         pad_token_id=0, bos_token_id=0, eos_token_id=1)  # ByT5's ids
+    return (CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)).eval()
+
+
+def _image_vae(seed: int, **extra):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32,
+                         sample_size=32, **extra).eval()
+
+
+def tiny_pipeline(family: str, seed: int = 0):
+    """``WanPipeline`` / ``FluxPipeline`` / ``StableDiffusion3Pipeline`` around ``tiny_transformer(family)``;
+    call it with ``PIPELINE_CALLS[family]``."""
+    import diffusers
+
+    if family == "wan":
+        torch.manual_seed(seed)
+        vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                         temperal_downsample=[False, True, True]).eval()
+        pipe = diffusers.WanPipeline(tokenizer=_byte_tokenizer(512), text_encoder=_t5(32, seed), vae=vae,
+                                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                     transformer=tiny_transformer("wan", seed))
+    elif family == "flux":
+        pipe = diffusers.FluxPipeline(
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=_image_vae(seed),
+            text_encoder=_clip(32, seed), tokenizer=_byte_tokenizer(77),
+            text_encoder_2=_t5(32, seed + 1), tokenizer_2=_byte_tokenizer(512),
+            transformer=tiny_transformer("flux", seed))
+    elif family == "sd3":
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=tiny_transformer("sd3", seed), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+            vae=_image_vae(seed), text_encoder=_clip(16, seed, 16), tokenizer=_byte_tokenizer(77),
+            text_encoder_2=_clip(16, seed + 1, 16), tokenizer_2=_byte_tokenizer(77),
+            text_encoder_3=_t5(32, seed + 2), tokenizer_3=_byte_tokenizer(512))
+    else:
+        raise ValueError(f"no tiny pipeline for {family!r}; have: {sorted(PIPELINE_CALLS)}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

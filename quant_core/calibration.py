@@ -81,7 +81,11 @@ class RowSample(Statistic):
         self.gen.manual_seed(self.seed * 1_000_003 + run)
 
     def update(self, step, x):
-        self._keep(torch.rand(x.shape[0], generator=self.gen, dtype=torch.float64), x.detach().float().cpu())
+        keys = torch.rand(x.shape[0], generator=self.gen, dtype=torch.float64)
+        if x.shape[0] > self.limit:  # only the new rows with the largest keys can survive: copy just those
+            keys, top = keys.topk(self.limit)
+            x = x[top.to(x.device)]
+        self._keep(keys, x.detach().float().cpu())
 
     def _keep(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         if self.rows is not None:
@@ -271,7 +275,8 @@ class CalibrationRecorder:
     ``stat_options`` passes keyword arguments to a statistic's constructor, e.g.
     ``{"act_samples": {"limit": 2048}}`` for a larger GPTQ sample. The step index advances on every
     forward of ``model`` (one call = one denoising step, CFG halves batched); call :meth:`new_run`
-    before each sampling run. ``on_step`` is called after each step
+    before each sampling run. Consecutive calls at the same timestep are one step (pipelines that run
+    the CFG halves as two forwards, e.g. Wan). ``on_step`` is called after each step
     (progress bars, interrupt checks: raising from it aborts cleanly). Hooks are removed on exit,
     also when sampling raises.
     """
@@ -294,11 +299,14 @@ class CalibrationRecorder:
         self.step = -1
         self.run = -1
         self.run_starts: dict[int, int] = {}  # run index -> its first call in self.inputs
+        self._last_t: float | None = None
+        self._new_step = True
         self._handles: list = []
 
     def new_run(self, run: int | None = None) -> None:
         """Start sampling run ``run`` (default: the next one); calibrate passes each batch's index."""
         self.step = -1
+        self._last_t = None
         self.run = self.run + 1 if run is None else run
         if self.inputs is not None:
             self.run_starts[self.run] = len(self.inputs.calls)
@@ -320,15 +328,17 @@ class CalibrationRecorder:
             self.inputs = self.inputs.merged_runs(self.run_starts)
 
     def _before_model(self, module, args, kwargs):
-        self.step += 1
+        t = call_timestep(args, kwargs)
+        self._new_step = t is None or t != self._last_t
+        self._last_t = t
+        self.step += self._new_step
         if self.inputs is not None:
             self.inputs.update(args, kwargs)
         if self.step >= len(self.timesteps):
-            t = call_timestep(args, kwargs)
             self.timesteps.append(float(self.step) if t is None else t)
 
     def _after_model(self, module, args, output):
-        if self.on_step is not None:
+        if self.on_step is not None and self._new_step:
             self.on_step(self.step)
 
     def _hook(self, name):
