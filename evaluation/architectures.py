@@ -41,6 +41,42 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
         joint_attention_dim=32, caption_projection_dim=128, pooled_projection_dim=32, out_channels=4,
         pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))),
 }
+# The released checkpoints' transformer configs (the fields that shape the Linears), for checking
+# the layer policies and group sizes at real size on skeletons built on the meta device. The
+# positional tables' sizes (sample_size, pos_embed_max_size) shape no Linear and are kept small.
+HUB_CONFIGS: dict[str, tuple[str, dict]] = {
+    "maxin-cn/Latte-1": ("LatteTransformer3DModel", dict(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+        sample_size=8, patch_size=2, cross_attention_dim=1152, caption_channels=4096, video_length=16,
+        norm_type="ada_norm_single", num_embeds_ada_norm=1000)),
+    "THUDM/CogVideoX-5b": ("CogVideoXTransformer3DModel", dict(
+        num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, num_layers=42,
+        time_embed_dim=512, text_embed_dim=4096, use_rotary_positional_embeddings=True)),
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads")),
+    "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", image_dim=1280, added_kv_proj_dim=5120)),
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": ("WanTransformer3DModel", dict(
+        patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48,
+        text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads")),
+    "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers": ("HunyuanDiT2DModel", dict(
+        num_attention_heads=16, attention_head_dim=88, hidden_size=1408, in_channels=4, patch_size=2,
+        sample_size=128, num_layers=40, cross_attention_dim=1024, cross_attention_dim_t5=2048,
+        pooled_projection_dim=1024, text_len=77, text_len_t5=256, use_style_cond_and_image_meta_size=False)),
+    "black-forest-labs/FLUX.1-dev": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))),
+    "stabilityai/stable-diffusion-3.5-large": ("SD3Transformer2DModel", dict(
+        sample_size=8, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+        joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=16, qk_norm="rms_norm")),
+}
 VIDEO = ("latte", "cogvideox", "wan", "wan-i2v")
 FRAMES, SIDE, TEXT_LEN = 3, 8, 8
 
@@ -55,6 +91,16 @@ def tiny_transformer(family: str, seed: int = 0):
         raise ValueError(f"unknown architecture {family!r}; known: {sorted(TINY_CONFIGS)}") from None
     torch.manual_seed(seed)
     return getattr(diffusers, class_name)(**config).eval()
+
+
+def hub_skeleton(repo: str):
+    """The released model's transformer with its real shapes and no weights (meta device)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    class_name, config = HUB_CONFIGS[repo]
+    with init_empty_weights():
+        return getattr(diffusers, class_name)(**config)
 
 
 def example_inputs(family: str, seed: int = 0, batch: int = 2) -> dict:

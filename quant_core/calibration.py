@@ -374,13 +374,16 @@ class CalibrationRecorder:
 def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int = 0, *,
               config=None, needs: Sequence[str] | None = None, guidance_scale: float | None = None,
               batch_size: int = 1, layers: Iterable[str] | None = None, progress: bool = True,
-              stat_options: dict[str, dict] | None = None, **pipe_kwargs) -> CalibrationData:
+              stat_options: dict[str, dict] | None = None, component: str = "transformer",
+              **pipe_kwargs) -> CalibrationData:
     """Run the full-precision pipeline once over ``prompts`` and record statistics.
 
     ``prompts`` are strings for text-conditioned pipelines (PixArt) or class labels (ints) for
     ``DiTPipeline``. What is recorded: ``needs`` if given, else what ``config``'s method needs (nothing,
     and no sampling, for a method that quantizes from the weights alone), else per-channel activation
     maxima. ``stat_options`` configures statistics (see :class:`CalibrationRecorder`).
+    ``component`` names the denoiser to record: Wan 2.2 A14B runs ``transformer`` at high noise and
+    ``transformer_2`` at low noise; calibrate (and quantize) each expert with its own statistics.
     Returns :class:`CalibrationData`; the pipeline is left unchanged.
 
     >>> calib = calibrate(pipe, ["a red fox in snow"], num_inference_steps=20, seed=0, config=cfg)
@@ -392,8 +395,12 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
         raise ValueError("calibrate needs at least one prompt or class label")
     if needs is None:
         needs = calibration_needs(config) if config is not None else ("act_absmax",)
-    model = pipe.transformer
-    meta = {"model": type(model).__name__, "num_prompts": len(prompts), "num_inference_steps": num_inference_steps,
+    model = getattr(pipe, component, None)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"calibrate: {type(pipe).__name__} has no denoiser {component!r} "
+                         f"(component names the pipeline's transformer to record)")
+    meta = {"model": type(model).__name__, "component": component, "num_prompts": len(prompts),
+            "num_inference_steps": num_inference_steps,
             "seed": seed, "needs": list(needs), "stat_options": stat_options or {}}
     if not needs:
         return CalibrationData({}, torch.zeros(0), meta, None)

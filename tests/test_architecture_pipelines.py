@@ -71,3 +71,24 @@ def test_row_sample_of_long_video_steps_matches_sampling_all_rows():
     want = torch.cat(batches)[keys.topk(64).indices]
     got = s.result()
     assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.tolist()))
+
+
+def test_wan22_experts_calibrated_separately():
+    """Wan 2.2 A14B: ``transformer`` denoises the high-noise steps, ``transformer_2`` the rest; each
+    expert's calibration holds its own steps only."""
+    import diffusers
+
+    from ditq.evaluation.architectures import tiny_transformer
+
+    base = tiny_pipeline("wan")
+    pipe = diffusers.WanPipeline(**dict(base.components, transformer_2=tiny_transformer("wan", seed=1)),
+                                 boundary_ratio=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=4, progress=False, **PIPELINE_CALLS["wan"])
+    high = calibrate(pipe, PROMPTS[:1], **kw)
+    low = calibrate(pipe, PROMPTS[:1], component="transformer_2", **kw)
+    assert len(high.timesteps) + len(low.timesteps) == 4
+    assert high.timesteps.min() >= 500 > low.timesteps.max()
+    assert not torch.equal(high.get("blocks.0.attn1.to_q", "act_absmax"), low.get("blocks.0.attn1.to_q", "act_absmax")[:1])
+    with pytest.raises(ValueError, match="no denoiser 'transformer_3'"):
+        calibrate(pipe, PROMPTS[:1], component="transformer_3", **kw)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ditq import QuantConfig, quantize, save_quantized
-from ditq.evaluation.architectures import TINY_CONFIGS, example_inputs, forward, tiny_transformer
+from ditq.evaluation.architectures import HUB_CONFIGS, TINY_CONFIGS, example_inputs, forward, hub_skeleton, tiny_transformer
 from ditq.quant_core.calibration import CalibrationRecorder
 from ditq.quant_core.models import FP, _generic_role, policy_for, select_layers
 
@@ -130,3 +130,15 @@ def test_quantize_save_load_fresh_process_exact(tmp_path, models):
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-500:] + res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("repo", sorted(HUB_CONFIGS))
+def test_policy_and_group_sizes_at_released_size(repo):
+    """The released checkpoints' shapes (meta-device skeletons): every block Linear is named by the
+    table, and Q-DiT's default group size 128 divides every quantized width (K of 5120, 13824 in
+    Wan 14B; 3072, 12288, 15360 in Flux; 1408, 2816, 5632 in HunyuanDiT ...)."""
+    model = hub_skeleton(repo)
+    layers = select_layers(model)
+    assert {i.role for i in layers.values()} >= {"ffn"} and len(layers) > 200
+    widths = {i.in_features for i in layers.values()}
+    assert all(k % QuantConfig.preset("q-dit-w4a8").group_size == 0 for k in widths), sorted(widths)
