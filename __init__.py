@@ -31,6 +31,7 @@ _LAZY = {
     "register_lora_layers": "quant_core.peft_lora",
     "QuantizedPixArtPipeline": "pipelines.pipeline",
     "QuantizedDiTPipeline": "pipelines.pipeline",
+    "QuantizedPipeline": "pipelines.pipeline",
 }
 
 __all__ = sorted(_LAZY)

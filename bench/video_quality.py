@@ -11,6 +11,7 @@ input batches (its pipeline's call signature, no text encoder), quantized per pr
 third: relative L2 error of the prediction vs full precision, bytes, quantize seconds.
 
     PYTHONPATH=<folder holding ditq> python3 bench/video_quality.py [--steps 10] [--out bench/results/video_quality.md]
+    ... --models latte-stress --presets rtn-w8a8 vidit-q-w8a8 --architectures   (video rows only)
 """
 from __future__ import annotations
 
@@ -94,16 +95,19 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--presets", nargs="+", default=list(VIDEO_PRESETS))
     ap.add_argument("--arch-presets", nargs="+", default=list(ARCH_PRESETS))
+    ap.add_argument("--models", nargs="+", default=["latte-stress", "latte"], choices=["latte-stress", "latte"])
+    ap.add_argument("--architectures", nargs="*", default=list(TINY_CONFIGS), choices=list(TINY_CONFIGS))
     ap.add_argument("--out", type=Path, help="also write the tables (markdown) here")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
+    makers = {"latte": builtin.tiny_latte_pipeline, "latte-stress": builtin.stress_latte_pipeline}
     lines = [f"Latte built-in (2 spatial + 2 temporal blocks, width 256), 4 frames 32x32, {args.steps} steps "
              f"DPM-Solver, CFG 4.5, seed 0, calibration 2 prompts; metrics vs the FP video", "",
              "| model | preset | per-frame PSNR dB (mean / worst) | SSIM | temporal rel. error | "
              "block-Linear bytes / fp16 | quantize s |", "|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for model, make in (("latte", builtin.tiny_latte_pipeline), ("latte-stress", builtin.stress_latte_pipeline)):
-        for name, m in evaluate_video(make(), args.presets, args.steps):
+    for model in args.models:
+        for name, m in evaluate_video(makers[model](), args.presets, args.steps):
             lines.append(f"| {model} | {name} | {m['psnr']:.2f} / {m['worst_psnr']:.2f} | {m['ssim']:.4f} | "
                          f"{m['temporal']:.4f} | {m['ratio']:.3f} | {m['seconds']:.1f} |")
             print(lines[-1], flush=True)
@@ -111,7 +115,7 @@ def main(argv=None):
               "other batches", "", "| architecture | preset | rel. L2 error | block-Linear bytes / fp16 | quantize s |",
               "|---|---|---|---|---|"]
     print("\n".join(lines[-5:]), flush=True)
-    for family in TINY_CONFIGS:
+    for family in args.architectures:
         for name, m in evaluate_architecture(family, args.arch_presets):
             lines.append(f"| {family} | {name} | {m['error']:.4f} | {m['ratio']:.3f} | {m['seconds']:.2f} |")
             print(lines[-1], flush=True)

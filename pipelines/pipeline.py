@@ -60,7 +60,11 @@ def _read_json(source: str, filename: str, **hub) -> dict | None:
 
 
 def _images(output) -> torch.Tensor:
-    return torch.from_numpy(output.images).permute(0, 3, 1, 2).float()
+    """``[N, C, H, W]`` from an image pipeline's ``images`` or a video pipeline's ``frames`` (one image
+    per frame), as ``output_type="np"`` returns them."""
+    pixels = output.images if hasattr(output, "images") else output.frames
+    pixels = torch.from_numpy(pixels)
+    return pixels.reshape(-1, *pixels.shape[-3:]).permute(0, 3, 1, 2).float()
 
 
 class QuantizedPipelineMixin:
@@ -296,3 +300,36 @@ class QuantizedDiTPipeline(QuantizedPipelineMixin, DiTPipeline):
 
 
 QuantizedDiTPipeline._variants = {"DiTPipeline": QuantizedDiTPipeline}
+
+
+class QuantizedPipeline(QuantizedPipelineMixin):
+    """Any diffusers text-to-image or text-to-video pipeline whose transformer has a ditq layer policy
+    (Wan, Flux, SD3, Latte, CogVideoX, HunyuanDiT, PixArt ...): ``from_pretrained`` follows the stock
+    pipeline class the repo names and returns its quantized twin (``QuantizedFluxPipeline`` is a
+    ``FluxPipeline``). Call it with the pipeline's own arguments; ``calibration_kwargs`` too.
+
+    >>> pipe = QuantizedPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    ...     quantization_config="vidit-q-w8a8", calibration_prompts=prompts,
+    ...     calibration_kwargs=dict(num_frames=33, num_inference_steps=20))
+    """
+
+    _twins: dict[str, type] = {}
+
+    @classmethod
+    def _variant(cls, stock_name: str | None, source: str) -> type:
+        import diffusers
+
+        stock = getattr(diffusers, stock_name or "", None)
+        if not (isinstance(stock, type) and issubclass(stock, DiffusionPipeline)):
+            raise ValueError(f"{source} names pipeline class {stock_name!r}, which is not a diffusers pipeline")
+        if "transformer" not in stock._get_signature_keys(stock)[0]:
+            raise ValueError(f"{source}: {stock_name} has no transformer to quantize (ditq quantizes DiTs)")
+        if stock_name not in cls._twins:
+            cls._twins[stock_name] = type(f"Quantized{stock_name}", (cls, stock), {"__module__": __name__})
+        return cls._twins[stock_name]
+
+    @classmethod
+    def _from_pointer(cls, source: str, pointer: dict, kwargs: dict):
+        transformer = _read_json(source, "transformer/config.json", **{k: kwargs.get(k) for k in _HUB_KEYS})
+        twin = type(cls.__name__, (cls,), {"transformer_class": (transformer or {}).get("_class_name")})
+        return QuantizedPipelineMixin._from_pointer.__func__(twin, source, pointer, kwargs)

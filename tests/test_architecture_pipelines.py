@@ -92,3 +92,32 @@ def test_wan22_experts_calibrated_separately():
     assert not torch.equal(high.get("blocks.0.attn1.to_q", "act_absmax"), low.get("blocks.0.attn1.to_q", "act_absmax")[:1])
     with pytest.raises(ValueError, match="no denoiser 'transformer_3'"):
         calibrate(pipe, PROMPTS[:1], component="transformer_3", **kw)
+
+
+def test_generic_quantized_pipeline_follows_the_repo_class(tmp_path):
+    """QuantizedPipeline on a (tiny) Flux repo: quantize on load, save a stock diffusers repo with a
+    model card, reload it through the same door: the same quantized transformer, the same samples."""
+    import diffusers
+
+    from ditq import QuantizedPipeline
+
+    tiny_pipeline("flux").save_pretrained(tmp_path / "fp")
+    call = dict(PIPELINE_CALLS["flux"], num_inference_steps=2)
+    pipe = QuantizedPipeline.from_pretrained(tmp_path / "fp", quantization_config="vidit-q-w8a8",
+                                             calibration_prompts=PROMPTS, calibration_kwargs=call)
+    assert isinstance(pipe, diffusers.FluxPipeline) and type(pipe).__name__ == "QuantizedFluxPipeline"
+    pipe.set_progress_bar_config(disable=True)
+    want = _latents(pipe, "flux")
+    pipe.save_pretrained(tmp_path / "q")
+    assert '"_class_name": "FluxPipeline"' in (tmp_path / "q" / "model_index.json").read_text()
+    card = (tmp_path / "q" / "README.md").read_text()
+    assert "QuantizedPipeline.from_pretrained" in card and "FluxTransformer2DModel.from_pretrained" in card
+    back = QuantizedPipeline.from_pretrained(tmp_path / "q")
+    back.set_progress_bar_config(disable=True)
+    ref = pipe.transformer.state_dict()
+    assert back.transformer.state_dict().keys() == ref.keys()
+    assert all(torch.equal(back.transformer.state_dict()[k], ref[k]) for k in ref)
+    got = _latents(back, "flux")  # the reloaded text encoders differ in the last float bits
+    assert ((got - want).norm() / want.norm()).item() < 1e-3
+    with pytest.raises(ValueError, match="not a diffusers pipeline"):
+        QuantizedPipeline._variant("NoSuchPipeline", "repo")
