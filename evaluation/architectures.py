@@ -20,10 +20,6 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "wan": ("WanTransformer3DModel", dict(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4,
         text_dim=32, freq_dim=32, ffn_dim=256, num_layers=2, rope_max_seq_len=32)),
-    "wan-i2v": ("WanTransformer3DModel", dict(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=8, out_channels=4,
-        text_dim=32, freq_dim=32, ffn_dim=256, num_layers=2, rope_max_seq_len=32, image_dim=32,
-        added_kv_proj_dim=128)),
     "hunyuandit": ("HunyuanDiT2DModel", dict(
         num_attention_heads=2, attention_head_dim=64, hidden_size=128, in_channels=4, patch_size=2,
         sample_size=8, num_layers=4, cross_attention_dim=128, cross_attention_dim_t5=32,
@@ -56,10 +52,6 @@ HUB_CONFIGS: dict[str, tuple[str, dict]] = {
         patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
         text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads")),
-    "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": ("WanTransformer3DModel", dict(
-        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
-        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", image_dim=1280, added_kv_proj_dim=5120)),
     "Wan-AI/Wan2.2-TI2V-5B-Diffusers": ("WanTransformer3DModel", dict(
         patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48,
         text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30, cross_attn_norm=True,
@@ -77,7 +69,11 @@ HUB_CONFIGS: dict[str, tuple[str, dict]] = {
         joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
         pos_embed_max_size=16, qk_norm="rms_norm")),
 }
-VIDEO = ("latte", "cogvideox", "wan", "wan-i2v")
+# Wan I2V: the T2V model plus the CLIP image tokens' projections; latents concatenated with the image's
+TINY_CONFIGS["wan-i2v"] = ("WanTransformer3DModel", dict(TINY_CONFIGS["wan"][1], in_channels=8, image_dim=32,
+                                                         added_kv_proj_dim=128))
+HUB_CONFIGS["Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"] = ("WanTransformer3DModel", dict(
+    HUB_CONFIGS["Wan-AI/Wan2.1-T2V-14B-Diffusers"][1], in_channels=36, image_dim=1280, added_kv_proj_dim=5120))
 FRAMES, SIDE, TEXT_LEN = 3, 8, 8
 
 
