@@ -95,26 +95,29 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--presets", nargs="+", default=list(VIDEO_PRESETS))
     ap.add_argument("--arch-presets", nargs="+", default=list(ARCH_PRESETS))
-    ap.add_argument("--models", nargs="+", default=["latte-stress", "latte"], choices=["latte-stress", "latte"])
+    ap.add_argument("--models", nargs="*", default=["latte-stress", "latte"], choices=["latte-stress", "latte"])
     ap.add_argument("--architectures", nargs="*", default=list(TINY_CONFIGS), choices=list(TINY_CONFIGS))
     ap.add_argument("--out", type=Path, help="also write the tables (markdown) here")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     makers = {"latte": builtin.tiny_latte_pipeline, "latte-stress": builtin.stress_latte_pipeline}
-    lines = [f"Latte built-in (2 spatial + 2 temporal blocks, width 256), 4 frames 32x32, {args.steps} steps "
-             f"DPM-Solver, CFG 4.5, seed 0, calibration 2 prompts; metrics vs the FP video", "",
-             "| model | preset | per-frame PSNR dB (mean / worst) | SSIM | temporal rel. error | "
-             "block-Linear bytes / fp16 | quantize s |", "|---|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
+    lines = []
+    if args.models:
+        lines += [f"Latte built-in (2 spatial + 2 temporal blocks, width 256), 4 frames 32x32, {args.steps} "
+                  "steps DPM-Solver, CFG 4.5, seed 0, calibration 2 prompts; metrics vs the FP video", "",
+                  "| model | preset | per-frame PSNR dB (mean / worst) | SSIM | temporal rel. error | "
+                  "block-Linear bytes / fp16 | quantize s |", "|---|---|---|---|---|---|---|"]
+        print("\n".join(lines), flush=True)
     for model in args.models:
         for name, m in evaluate_video(makers[model](), args.presets, args.steps):
             lines.append(f"| {model} | {name} | {m['psnr']:.2f} / {m['worst_psnr']:.2f} | {m['ssim']:.4f} | "
                          f"{m['temporal']:.4f} | {m['ratio']:.3f} | {m['seconds']:.1f} |")
             print(lines[-1], flush=True)
-    lines += ["", "Tiny transformers (width 128), prediction on a fresh seeded batch vs FP; calibration on two "
-              "other batches", "", "| architecture | preset | rel. L2 error | block-Linear bytes / fp16 | quantize s |",
-              "|---|---|---|---|---|"]
-    print("\n".join(lines[-5:]), flush=True)
+    if args.architectures:
+        lines += ["", "Tiny transformers (width 128), prediction on a fresh seeded batch vs FP; calibration on "
+                  "two other batches", "", "| architecture | preset | rel. L2 error | block-Linear bytes / fp16 | "
+                  "quantize s |", "|---|---|---|---|---|"]
+        print("\n".join(lines[-5:]), flush=True)
     for family in args.architectures:
         for name, m in evaluate_architecture(family, args.arch_presets):
             lines.append(f"| {family} | {name} | {m['error']:.4f} | {m['ratio']:.3f} | {m['seconds']:.2f} |")

@@ -142,3 +142,15 @@ def test_policy_and_group_sizes_at_released_size(repo):
     assert {i.role for i in layers.values()} >= {"ffn"} and len(layers) > 200
     widths = {i.in_features for i in layers.values()}
     assert all(k % QuantConfig.preset("q-dit-w4a8").group_size == 0 for k in widths), sorted(widths)
+
+
+def test_vq4dit_block_loss_sees_both_mmdit_streams():
+    """VQ4DiT's per-block loss covers the image and the text stream of Flux's blocks, not just the
+    first tensor each block returns."""
+    from ditq.quant_core.methods.vq4dit.method import _BlockOutputs
+
+    model = tiny_transformer("flux")
+    with _BlockOutputs(model) as blocks:
+        forward(model, example_inputs("flux"))
+    tokens = sorted({o.shape[1] for o in blocks.outputs})
+    assert len(blocks.outputs) == 2 * len(blocks.blocks) and tokens == [8, 64]  # text, image
