@@ -167,6 +167,11 @@ def select_layers(model: nn.Module, config: QuantConfig | None = None) -> dict[s
     blocks, then the single-stream ones; Latte: spatial, then temporal), so it is unique per block."""
     policy = policy_for(model)
     gaps = policy_gaps(model, policy)
+    lora = [g for g in gaps if re.search(r"\.(lora_[AB]|base_layer)(\.|$)", g)]
+    if lora:
+        raise ValueError(f"{type(model).__name__} carries unfused LoRA adapters ({lora[0]}, ...); fuse them "
+                         f"into the full-precision model first (pipe.fuse_lora(); pipe.unload_lora_weights()), "
+                         f"then quantize")
     if gaps:
         raise ValueError(f"{type(model).__name__}: block Linear(s) {gaps[:3]} match no row of layer policy "
                          f"{policy.name!r} (renamed by a new release?); add them to "

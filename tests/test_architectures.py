@@ -154,3 +154,10 @@ def test_vq4dit_block_loss_sees_both_mmdit_streams():
         forward(model, example_inputs("flux"))
     tokens = sorted({o.shape[1] for o in blocks.outputs})
     assert len(blocks.outputs) == 2 * len(blocks.blocks) and tokens == [8, 64]  # text, image
+
+
+def test_unfused_lora_is_named_as_such():
+    model = tiny_transformer("wan")
+    model.blocks[0].attn1.to_q.lora_A = nn.ModuleDict({"default": nn.Linear(128, 4)})  # PEFT's layout
+    with pytest.raises(ValueError, match=r"unfused LoRA.*blocks\.0\.attn1\.to_q\.lora_A\.default.*fuse_lora"):
+        select_layers(model)
