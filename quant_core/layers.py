@@ -54,7 +54,7 @@ class QuantModule(nn.Module):
     _weight_buffers: tuple[str, ...] = ()
 
     def __init__(self):
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): QuantLinear's next base is nn.Linear, whose init allocates a weight
         self.layer_name = ""
         self.lora_branches: dict[str, LowRankBranch] = {}
 
@@ -157,8 +157,12 @@ def branches_lifted(model: nn.Module):
 
 
 @register_layer_type("linear")
-class QuantLinear(QuantModule):
+class QuantLinear(QuantModule, nn.Linear):
     """A Linear whose weight is stored quantized per ``scheme`` (see config.LayerScheme).
+
+    It is an ``nn.Linear`` so isinstance-based tooling (diffusers, PEFT, hooks) sees a Linear layer;
+    ``weight`` is the packed buffer (no float copy), so code that reads ``weight`` as a float matrix
+    must use :meth:`effective_weight`.
 
     Buffers: ``weight`` (int8 ``[N, K]`` for 8 bits, uint8 ``[N, packed_width(K, b)]`` packed for
     fewer, float8 e4m3 ``[N, K]`` for fp8), ``weight_scale`` float32 ``[N, G]``, optional

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import QuantConfig
+from .layers import QuantModule
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,10 @@ def block_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def select_layers(model: nn.Module, config: QuantConfig | None = None) -> dict[str, LayerInfo]:
     """The Linears of ``model`` to quantize, by the architecture's policy, then include/exclude."""
     policy = policy_for(model)
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()  # diffusers' rule: never quantized
     chosen: dict[str, LayerInfo] = {}
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
+        if not isinstance(mod, nn.Linear) or isinstance(mod, QuantModule) or any(m in name.split(".") for m in keep_fp32):
             continue
         role = policy.role(name) if policy else _generic_role(name)
         if config is not None and config.include and any(re.search(p, name) for p in config.include):
