@@ -195,6 +195,16 @@ class QuantizedPipelineMixin:
         self.ditq_report = report
         return report
 
+    def to(self, *args, **kwargs):
+        """diffusers refuses to cast a quantized model to another dtype, but only when it reaches the
+        transformer, after casting the components before it; refuse before touching any."""
+        dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
+        if dtype is not None and is_ditq_model(self.transformer):
+            raise ValueError(f"cannot cast a pipeline with a ditq-quantized transformer to {dtype} (diffusers "
+                             "forbids it for quantized models); load it with torch_dtype=... instead. "
+                             "No component was changed.")
+        return super().to(*args, **kwargs)
+
     # -- saving --------------------------------------------------------------------------------
     @classmethod
     def stock_class(cls) -> type:

@@ -91,7 +91,7 @@ def on_load_recipe(config: DitqConfig, keep_fp32: Sequence[str] = ()):
             "provide: use ditq.QuantizedPixArtPipeline.from_pretrained(repo, quantization_config="
             f"{preset!r}, calibration_prompts=[...]) or ditq.quantize(model, QuantConfig.preset({preset!r}), "
             f"ditq.calibrate(pipe, prompts)); presets that quantize on load: {', '.join(free)}")
-    skip = [*getattr(config, "modules_to_not_convert", None) or [], *keep_fp32]
+    skip = [*(getattr(config, "modules_to_not_convert", None) or []), *keep_fp32]
     recipe.exclude = [*recipe.exclude, *(re.escape(m) for m in skip)]
     return recipe
 

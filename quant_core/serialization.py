@@ -308,7 +308,7 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, torch.Tensor], sou
             t = t.to(torch_dtype)
         elif t.is_floating_point() != ref.is_floating_point():
             raise CheckpointError(f"{source}: tensor {key!r} has dtype {t.dtype}, expected a {ref.dtype}-like tensor")
-        loaded[key] = t
+        loaded[key] = t.clone()  # own, aligned memory: a view into the file's buffer can change float results
     model.load_state_dict(loaded, strict=True, assign=True)
     for name, mod in every.items():
         scale = getattr(mod, "weight_scale", None)
