@@ -43,17 +43,20 @@ class DitqConfig(QuantizationConfigMixin):
       quant_core/serialization.py), kept verbatim as flat attributes, plus provenance for the model
       card (``base_model``, ``fidelity``); :func:`attach_quantizer` builds it from a quantized model;
     * a request to quantize while loading, ``DitqConfig(preset="rtn-w8a8-dynamic",
-      modules_to_not_convert=["proj_out"])``, for presets that need no calibration.
+      modules_to_not_convert=["proj_out"], overrides={"include": [".*"]})``, for presets that need
+      no calibration; ``overrides`` replaces QuantConfig fields of the preset.
     """
 
-    def __init__(self, preset: str | None = None, modules_to_not_convert: list[str] | None = None, **fields: Any):
+    def __init__(self, preset: str | None = None, modules_to_not_convert: list[str] | None = None,
+                 overrides: dict[str, Any] | None = None, **fields: Any):
         fields.pop("quant_method", None)
         self.quant_method = DitqMethod.DITQ
-        if preset is not None or modules_to_not_convert is not None:
+        if preset is not None or modules_to_not_convert is not None or overrides is not None:
             if "layers" in fields:
-                raise ValueError("DitqConfig: preset/modules_to_not_convert request quantization on load; "
-                                 "a config with 'layers' describes a checkpoint that is already quantized")
-            fields.update(preset=preset, modules_to_not_convert=list(modules_to_not_convert or []))
+                raise ValueError("DitqConfig: preset/modules_to_not_convert/overrides request quantization on "
+                                 "load; a config with 'layers' describes a checkpoint that is already quantized")
+            fields.update(preset=preset, modules_to_not_convert=list(modules_to_not_convert or []),
+                          overrides=dict(overrides or {}))
         for key, value in fields.items():
             setattr(self, key, value)
 
@@ -71,8 +74,9 @@ class DitqConfig(QuantizationConfigMixin):
 
 
 def on_load_recipe(config: DitqConfig, keep_fp32: Sequence[str] = ()):
-    """The QuantConfig a quantize-on-load request runs: the preset, its ``exclude`` extended by
-    ``modules_to_not_convert`` (names matched as substrings, diffusers' convention). Refuses presets
+    """The QuantConfig a quantize-on-load request runs: the preset with ``overrides``, its ``exclude``
+    extended by ``modules_to_not_convert`` (names matched as substrings, diffusers' convention) and
+    diffusers' ``_keep_in_fp32_modules`` (dotted name components). Refuses presets
     whose method needs calibration statistics, pointing to the calibrated route."""
     from ..quant_core.config import QuantConfig
     from ..quant_core.methods import get_method
@@ -84,6 +88,9 @@ def on_load_recipe(config: DitqConfig, keep_fp32: Sequence[str] = ()):
         raise ValueError("to quantize while loading, pass DitqConfig(preset=...) with a preset that needs no "
                          f"calibration: {', '.join(free)}")
     recipe = QuantConfig.preset(preset)  # raises for an unknown name, listing the known ones
+    overrides = getattr(config, "overrides", None) or {}
+    if overrides:
+        recipe = QuantConfig.from_dict({**recipe.to_dict(), **overrides})  # refuses unknown fields
     needs = get_method(recipe.method).needs(recipe)
     if needs:
         raise ValueError(
@@ -91,9 +98,13 @@ def on_load_recipe(config: DitqConfig, keep_fp32: Sequence[str] = ()):
             "provide: use ditq.QuantizedPixArtPipeline.from_pretrained(repo, quantization_config="
             f"{preset!r}, calibration_prompts=[...]) or ditq.quantize(model, QuantConfig.preset({preset!r}), "
             f"ditq.calibrate(pipe, prompts)); presets that quantize on load: {', '.join(free)}")
-    skip = [*(getattr(config, "modules_to_not_convert", None) or []), *keep_fp32]
-    recipe.exclude = [*recipe.exclude, *(re.escape(m) for m in skip)]
+    recipe.exclude = [*recipe.exclude, *(re.escape(m) for m in getattr(config, "modules_to_not_convert", None) or []),
+                      *(rf"(^|\.){re.escape(m)}(\.|$)" for m in keep_fp32)]
     return recipe
+
+
+# Tensors only quantized layers hold (QuantLinear's scales, CodebookLinear's packed indices).
+_QUANTIZED_KEYS = (".weight_scale", ".indices")
 
 
 class DitqQuantizer(DiffusersQuantizer):
@@ -191,9 +202,9 @@ class DitqQuantizer(DiffusersQuantizer):
         """Refuse to write a config that no longer describes the tensors (layers replaced, fused or
         dequantized after the model was marked): the reload would be silently wrong."""
         layers = getattr(self.quantization_config, "layers", None) or {}
-        listed = [n for n in layers if not any(k.startswith(f"{n}.") for k in state_dict)]
-        unlisted = sorted({k.rsplit(".", 1)[0] for k in state_dict if k.endswith((".weight_scale", ".indices"))
-                           and not any(k.startswith(f"{n}.") for n in layers)})
+        quantized = [k for k in state_dict if k.endswith(_QUANTIZED_KEYS)]
+        listed = [n for n in layers if not any(k.startswith(f"{n}.") for k in quantized)]
+        unlisted = sorted({k.rsplit(".", 1)[0] for k in quantized if not any(k.startswith(f"{n}.") for n in layers)})
         if listed or unlisted:
             raise ValueError(f"cannot save: the ditq quantization_config no longer matches the model (layers "
                              f"{(listed + unlisted)[:3]} changed since it was quantized); ditq.quantize or a "

@@ -193,14 +193,6 @@ def test_dit_pipeline(dit_pipe, fresh, builtin, tmp_path):
     assert "pipeline_tag: unconditional-image-generation" in card and "- dit" in card
 
 
-def test_on_the_fly_quantization_through_diffusers_is_refused(fp_dir):
-    from ditq.pipelines.quantizer import DitqConfig
-    from diffusers import PixArtTransformer2DModel
-
-    with pytest.raises(ValueError, match="calibrated method pass"):
-        PixArtTransformer2DModel.from_pretrained(fp_dir, subfolder="transformer", quantization_config=DitqConfig())
-
-
 def test_torch_compile_transformer(q_dir, q_out, call_kwargs):
     from ditq import QuantizedPixArtPipeline
 

@@ -8,7 +8,10 @@ from the Hub or imports from files not vendored is supplied here, without editin
 * ``hf-internal-testing/tiny-random-t5``: an offline T5 encoder config (d_model 32, what the
   PixArt fast tests' ``caption_channels=32`` needs) and a byte-level tokenizer;
 * the IP-adapter / Flux helper modules that ``test_pipelines_common`` imports but PixArt never uses:
-  stubs that fail loudly if called.
+  stubs that fail loudly if called;
+* the quantization test classes are marked ``require_accelerator`` upstream (the backends they
+  were written for need a GPU); ditq runs on the CPU, so they are imported with that decorator
+  neutralised (``torch_device`` is "cpu"). Pipeline tests keep it.
 """
 from __future__ import annotations
 
@@ -41,3 +44,17 @@ for _module, _names in {
     for _name in _names:
         setattr(_stub, _name, _not_vendored(_name))
     sys.modules.setdefault(_module, _stub)
+
+
+def _import_quantization_tests_without_accelerator_marks() -> None:
+    import diffusers_tests.testing_utils as upstream_utils
+
+    require_accelerator = upstream_utils.require_accelerator
+    upstream_utils.require_accelerator = lambda test: test
+    try:
+        import diffusers_tests.models.testing_utils.quantization  # noqa: F401  (decorated now, once)
+    finally:
+        upstream_utils.require_accelerator = require_accelerator
+
+
+_import_quantization_tests_without_accelerator_marks()

@@ -44,3 +44,21 @@ def quantized(transformer, preset: str):
     with torch.no_grad():
         ditq.quantize(transformer, ditq.QuantConfig.preset(preset), progress=False)
     return transformer
+
+
+def save_tiny_transformer(folder) -> str:
+    """ditq's built-in tiny PixArt transformer (4 blocks of width 256: wide enough for quantization
+    to shrink memory as it does on real models) saved as a full-precision diffusers folder, the
+    ``pretrained_model_name_or_path`` the upstream quantization tests load and quantize."""
+    from ditq.evaluation.builtin import tiny_pixart_transformer
+
+    tiny_pixart_transformer().save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_transformer_inputs(seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(1, 4, 16, 16, generator=generator),
+            "timestep": torch.tensor([500]),
+            "encoder_hidden_states": torch.randn(1, 8, 64, generator=generator),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
