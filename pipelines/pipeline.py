@@ -50,17 +50,27 @@ def _read_json(source: str, filename: str, **hub) -> dict | None:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import RemoteEntryNotFoundError
 
+        given = {k: v for k, v in hub.items() if v is not None}
         try:
-            path = Path(hf_hub_download(source, filename, **{k: v for k, v in hub.items() if v is not None}))
+            path = Path(hf_hub_download(source, filename, **given))
         except RemoteEntryNotFoundError:  # the repo exists and lacks this file
             return None
         except Exception as e:
+            if _known_absent(source, filename, **given):  # offline, and the cache recorded the 404
+                return None
             raise hub_error(source, e, revision=hub.get("revision"),
                             local_files_only=bool(hub.get("local_files_only"))) from e
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{source}: {filename} is not valid JSON ({e})") from None
+
+
+def _known_absent(repo: str, filename: str, **hub) -> bool:
+    from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, cache_dir=hub.get("cache_dir"), revision=hub.get("revision"))
+    return found is _CACHED_NO_EXIST
 
 
 def _images(output) -> torch.Tensor:

@@ -24,9 +24,10 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from ..quant_core.layers import QuantModule
-from ..quant_core.serialization import (FORMAT_VERSION, CheckpointError, check_quantization_config, compute_dtype,
-                                        load_quantized_state, mark_quantized, prepare_quantized_modules,
-                                        quantization_config, quantized_layers, stored_dtype)
+from ..quant_core.serialization import (FORMAT_VERSION, MARKERS, CheckpointError, check_quantization_config,
+                                        compute_dtype, load_quantized_state, mark_quantized,
+                                        prepare_quantized_modules, quantization_config, quantized_layers,
+                                        stored_dtype)
 
 QUANT_METHOD = "ditq"
 
@@ -311,11 +312,19 @@ def dequantize_model(model):
             if bias is not None:
                 linear.bias.copy_(bias)
         set_submodule(model, name, linear)
-    config = {k: v for k, v in model._internal_dict.items() if k not in ("quantization_config", "_pre_quantization_dtype")}
-    model._internal_dict = FrozenDict(config)
+    marks = ("quantization_config", "_pre_quantization_dtype")
+    model._internal_dict = FrozenDict({k: v for k, v in model._internal_dict.items() if k not in marks})
     for name in (*_MODEL_METHODS, "ditq_state", "quantization_method"):
         model.__dict__.pop(name, None)
     return model
+
+
+def mark_diffusers_model(model) -> None:
+    """The diffusers adapter's entry in the core's ``MARKERS``: diffusers models get diffusers' marks."""
+    from diffusers import ModelMixin
+
+    if isinstance(model, ModelMixin):
+        attach_quantizer(model)
 
 
 def is_ditq_model(model) -> bool:
@@ -323,7 +332,10 @@ def is_ditq_model(model) -> bool:
 
 
 def register(auto_module=None) -> None:
-    """Insert the backend into diffusers' quantizer maps (never replacing another backend's key)."""
+    """Insert the backend into diffusers' quantizer maps (never replacing another backend's key),
+    and have every ditq-quantized diffusers model carry diffusers' marks."""
+    if mark_diffusers_model not in MARKERS:
+        MARKERS.append(mark_diffusers_model)
     if auto_module is None:
         from diffusers.quantizers import auto as auto_module
     for mapping, value in ((auto_module.AUTO_QUANTIZER_MAPPING, DitqQuantizer),

@@ -97,7 +97,9 @@ def select_layers(model: nn.Module, config: QuantConfig | None = None) -> dict[s
     keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()  # diffusers' rule: never quantized
     chosen: dict[str, LayerInfo] = {}
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or isinstance(mod, QuantModule) or any(m in name.split(".") for m in keep_fp32):
+        if not isinstance(mod, nn.Linear) or isinstance(mod, QuantModule):
+            continue
+        if any(m in name.split(".") for m in keep_fp32):
             continue
         role = policy.role(name) if policy else _generic_role(name)
         if config is not None and config.include and any(re.search(p, name) for p in config.include):

@@ -23,7 +23,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -155,24 +155,20 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+# Adapters register here what their framework needs a quantized model to carry (the diffusers
+# adapter, pipelines/quantizer.py, adds diffusers' own marks); the core never imports them.
+MARKERS: list[Callable[[nn.Module], None]] = []
+
+
 def mark_quantized(model: nn.Module, state: dict[str, Any]) -> None:
     """The one place that makes ``model`` "a ditq-quantized model", for every entry path (quantize,
-    the loaders, the ComfyUI nodes): it records ``state`` (method, recipe, method_state), and a
-    diffusers model also gets diffusers' own marks (``hf_quantizer``, ``quantization_config``,
-    ``is_quantized``), so diffusers' ``save_pretrained`` writes a checkpoint ``from_pretrained``
-    reads back, and its dtype rules apply to it."""
+    the loaders, the ComfyUI nodes): it records ``state`` (method, recipe, method_state) and runs
+    the registered ``MARKERS``, so that e.g. a diffusers model gets diffusers' own marks
+    (``hf_quantizer``, ``quantization_config``, ``is_quantized``), diffusers' ``save_pretrained``
+    writes a checkpoint ``from_pretrained`` reads back, and its dtype rules apply to it."""
     model.ditq_state = state
-    if _is_diffusers_model(model):
-        from ..pipelines.quantizer import attach_quantizer
-
-        attach_quantizer(model)
-
-
-def _is_diffusers_model(model: nn.Module) -> bool:
-    import sys
-
-    diffusers = sys.modules.get("diffusers")  # a diffusers model exists only once diffusers is imported
-    return diffusers is not None and isinstance(model, diffusers.ModelMixin)
+    for marker in MARKERS:
+        marker(model)
 
 
 def _model_config(model: nn.Module) -> dict[str, Any]:

@@ -23,7 +23,8 @@ NO_FUSE = "ditq refuses to fuse quantized to_q/to_k/to_v (separate scales); the 
 
 def _offline(cls):
     """Skips that hold for the full-precision baseline too: reference values tied to the Hub tokenizer."""
-    for name in ("test_inference", "test_inference_non_square_images", "test_inference_with_multiple_images_per_prompt"):
+    for name in ("test_inference", "test_inference_non_square_images",
+                 "test_inference_with_multiple_images_per_prompt"):
         setattr(cls, name, unittest.skip(HUB_SLICES)(lambda self: None))
     return cls
 
