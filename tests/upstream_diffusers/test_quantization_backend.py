@@ -6,6 +6,8 @@ helpers. Upstream marks these classes accelerator-only; conftest.py imports them
 so they run here on the CPU (``torch_device`` is "cpu")."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import upstream_adapter as adapter
@@ -112,6 +114,10 @@ class TestDitqQuantization(DitqConfigMixin, QuantizationTesterMixin):
 
 
 class TestDitqCompile(DitqConfigMixin, QuantizationCompileTesterMixin):
+    # inductor compiles on the CPU for minutes on 2 cores: outside CI, with DITQ_UPSTREAM_FULL=1
+    # (tests/test_diffusers_pipeline.py compiles fullgraph with the eager backend in CI)
+    __test__ = os.environ.get("DITQ_UPSTREAM_FULL") == "1"
+
     def test_ditq_torch_compile(self):
         self._test_torch_compile(CONFIGS["w8a8"])
 
