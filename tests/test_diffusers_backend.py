@@ -30,13 +30,6 @@ def call_kwargs(builtin):
 
 
 @pytest.fixture(scope="module")
-def fp_dir(tiny_pipe, tmp_path_factory):
-    path = tmp_path_factory.mktemp("fp") / "tiny-pixart"
-    tiny_pipe.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def every_statistic(tiny_pipe, calib_kwargs):
     """Calibration with what every quick preset needs (4 steps: ViDiT-Q-MP splits them in 4 ranges)."""
     from ditq import QuantConfig, calibrate

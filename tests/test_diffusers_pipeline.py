@@ -32,13 +32,6 @@ def rel_l2(a, b):
 
 
 @pytest.fixture(scope="module")
-def fp_dir(tiny_pipe, tmp_path_factory):
-    path = tmp_path_factory.mktemp("fp") / "tiny-pixart"
-    tiny_pipe.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def qpipe(fp_dir, call_kwargs):
     """Quantized on load with calibration (static activation scales need it) and fidelity measured."""
     from ditq import QuantizedPixArtPipeline

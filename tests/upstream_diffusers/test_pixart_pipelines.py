@@ -53,7 +53,9 @@ class TestPixArtAlphaFP(alpha.PixArtAlphaPipelineFastTests):
 
 @_offline
 class TestPixArtSigmaFP(sigma.PixArtSigmaPipelineFastTests):
-    pass
+    # Fails before any quantization: with the offline T5, fusing changes the image beyond 1e-3.
+    # Expected to fail, so a diffusers change that fixes it shows up as an unexpected success.
+    test_fused_qkv_projections = unittest.expectedFailure(sigma.PixArtSigmaPipelineFastTests.test_fused_qkv_projections)
 
 
 TestPixArtAlphaDitqW8A8 = _ditq(TestPixArtAlphaFP, "rtn-w8a8-dynamic")
