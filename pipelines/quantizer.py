@@ -11,8 +11,8 @@ route sdnq took before diffusers shipped a shim for it.
 """
 from __future__ import annotations
 
-import copy
 import enum
+import json
 import re
 import types
 import warnings
@@ -66,9 +66,9 @@ class DitqConfig(QuantizationConfigMixin):
         return "layers" in self.__dict__
 
     def to_dict(self) -> dict[str, Any]:
-        d = copy.deepcopy(self.__dict__)
-        d["quant_method"] = QUANT_METHOD  # config.json is written with json.dumps: a plain string
-        return d
+        # config.json is written with json.dumps: quant_method as a plain string, and recipe options
+        # that are not JSON (a method's state_path) as their str(), as the core's save writes them
+        return json.loads(json.dumps({**self.__dict__, "quant_method": QUANT_METHOD}, default=str))
 
     def to_diff_dict(self) -> dict[str, Any]:  # repr() calls it; the mixin does not define it
         return self.to_dict()
