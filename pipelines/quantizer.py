@@ -293,7 +293,8 @@ _MODEL_METHODS = {"num_parameters": _num_parameters, "get_memory_footprint": _ge
 
 def dequantize_model(model):
     """Replace every ditq layer by an ``nn.Linear`` holding its dequantized weight (in the original
-    input basis: smoothing and rotation undone) and bias, in the model's compute dtype, and drop the
+    input basis: smoothing and rotation undone, LoRA branches merged) and bias, in the model's
+    compute dtype, and drop the
     quantized marks: the model is then an ordinary full-precision one (diffusers' ``dequantize()``)."""
     from ..quant_core.models import set_submodule
 
@@ -304,6 +305,8 @@ def dequantize_model(model):
         except NotImplementedError:
             raise NotImplementedError(f"layer {name!r} ({layer.layer_type}) has no single weight to dequantize "
                                       "(it switches between variants per timestep)") from None
+        for branch in layer.lora_branches.values():  # LoRA kept beside the packed weight: merged now
+            weight = weight + branch.scale * (branch.down.float() @ branch.up.float()).T.to(weight.device)
         bias = dict(layer.named_buffers()).get("bias")
         linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=bias is not None,
                                  device=weight.device, dtype=dtype)

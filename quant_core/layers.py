@@ -54,7 +54,7 @@ class QuantModule(nn.Module):
     _weight_buffers: tuple[str, ...] = ()
 
     def __init__(self):
-        nn.Module.__init__(self)  # not super(): QuantLinear's next base is nn.Linear, whose init allocates a weight
+        super().__init__()
         self.layer_name = ""
         self.lora_branches: dict[str, LowRankBranch] = {}
 
@@ -157,12 +157,11 @@ def branches_lifted(model: nn.Module):
 
 
 @register_layer_type("linear")
-class QuantLinear(QuantModule, nn.Linear):
+class QuantLinear(QuantModule):
     """A Linear whose weight is stored quantized per ``scheme`` (see config.LayerScheme).
 
-    It is an ``nn.Linear`` so isinstance-based tooling (diffusers, PEFT, hooks) sees a Linear layer;
-    ``weight`` is the packed buffer (no float copy), so code that reads ``weight`` as a float matrix
-    must use :meth:`effective_weight`.
+    Deliberately not an ``nn.Linear`` subclass: tools that take any ``nn.Linear`` treat ``weight``
+    as its float matrix; PEFT's default LoRA layer, for one, would merge into the packed integers.
 
     Buffers: ``weight`` (int8 ``[N, K]`` for 8 bits, uint8 ``[N, packed_width(K, b)]`` packed for
     fewer, float8 e4m3 ``[N, K]`` for fp8), ``weight_scale`` float32 ``[N, G]``, optional

@@ -19,6 +19,9 @@ from diffusers_tests.testing_utils import torch_device
 EVERY_LINEAR = {"overrides": {"include": [".*"]}}
 CONFIGS = {"w8a8": {"preset": "rtn-w8a8-dynamic", **EVERY_LINEAR},
            "w4a16": {"preset": "rtn-w4a16", **EVERY_LINEAR}}
+# The upstream check counts quantized layers among the nn.Linear modules; QuantLinear is
+# deliberately not one (PEFT's default LoRA layer would merge into its packed integers).
+NOT_A_LINEAR = "counts quantized layers among nn.Linear modules; ditq's QuantLinear is deliberately not one"
 MEMORY_REDUCTION = {"w8a8": 3.0, "w4a16": 5.0}  # fp32 model: int8 weights ~4x, packed int4 ~8x, less the rest
 
 
@@ -83,9 +86,9 @@ class TestDitqQuantization(DitqConfigMixin, QuantizationTesterMixin):
     def test_ditq_original_dtype(self):
         self._test_original_dtype(CONFIGS["w8a8"])
 
-    @pytest.mark.parametrize("config", CONFIGS)
-    def test_ditq_quantized_layers(self, config):
-        self._test_quantized_layers(CONFIGS[config])
+    @pytest.mark.skip(reason=NOT_A_LINEAR)
+    def test_ditq_quantized_layers(self):
+        self._test_quantized_layers(CONFIGS["w8a8"])
 
     def test_ditq_keep_modules_in_fp32(self, monkeypatch):
         # PixArt declares no _keep_in_fp32_modules: declare one, as upstream's GGUF test does, and
@@ -96,6 +99,7 @@ class TestDitqQuantization(DitqConfigMixin, QuantizationTesterMixin):
                             lambda cfg, **kw: create(cfg, torch_dtype=torch.bfloat16, **kw))
         self._test_keep_modules_in_fp32(CONFIGS["w8a8"])
 
+    @pytest.mark.skip(reason=NOT_A_LINEAR)  # exclusion is tested in tests/test_diffusers_backend.py
     def test_ditq_modules_to_not_convert(self):
         self._test_quantization_modules_to_not_convert(CONFIGS["w8a8"], ["transformer_blocks.0", "proj_out"])
 
