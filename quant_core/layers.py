@@ -160,6 +160,9 @@ def branches_lifted(model: nn.Module):
 class QuantLinear(QuantModule):
     """A Linear whose weight is stored quantized per ``scheme`` (see config.LayerScheme).
 
+    Deliberately not an ``nn.Linear`` subclass: tools that take any ``nn.Linear`` treat ``weight``
+    as its float matrix; PEFT's default LoRA layer, for one, would merge into the packed integers.
+
     Buffers: ``weight`` (int8 ``[N, K]`` for 8 bits, uint8 ``[N, packed_width(K, b)]`` packed for
     fewer, float8 e4m3 ``[N, K]`` for fp8), ``weight_scale`` float32 ``[N, G]``, optional
     ``weight_zero_point`` float32 ``[N, G]`` (asymmetric), ``bias`` in the compute dtype, optional

@@ -177,9 +177,12 @@ def select_layers(model: nn.Module, config: QuantConfig | None = None) -> dict[s
                          f"{policy.name!r} (renamed by a new release?); add them to "
                          f"ditq.quant_core.models.POLICIES with a role, or {FP!r} to keep them in full precision")
     blocks = {name: i for i, (name, _) in enumerate(block_modules(model))}
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()  # diffusers' rule: never quantized
     chosen: dict[str, LayerInfo] = {}
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
+            continue
+        if any(m in name.split(".") for m in keep_fp32):
             continue
         role = policy.role(name) if policy else _generic_role(name)
         role = None if role == FP else role

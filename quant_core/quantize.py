@@ -12,6 +12,7 @@ from .layers import QuantModule
 from .metrics import sqnr
 from .methods import get_method
 from .models import LayerInfo, select_layers, set_submodule
+from .serialization import mark_quantized
 
 
 @dataclass
@@ -118,5 +119,5 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationData
                              f"on a different model or layer selection")
     with torch.no_grad():
         method.apply(ctx)
-    model.ditq_state = {"method": config.method, "recipe": config.to_dict(), "method_state": ctx.method_state}
+    mark_quantized(model, {"method": config.method, "recipe": config.to_dict(), "method_state": ctx.method_state})
     return ctx.report
