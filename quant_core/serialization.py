@@ -33,7 +33,6 @@ rules (``QuantModule.check_state``). Every failure is a :class:`CheckpointError`
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -219,22 +218,32 @@ def read_safetensors(path, *, verify: bool = True) -> tuple[dict[str, torch.Tens
     return tensors, meta
 
 
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, walked without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def parse_json(text: str, source: str, what: str = "JSON") -> Any:
-    """``json.loads`` bounded in size and nesting depth (Python's parser recurses per level: a file
-    nested 100,000 deep would raise RecursionError)."""
+    """``json.loads`` bounded in size and nesting depth. Python's parser recurses per level and raises
+    RecursionError past ~1000 levels (a file nested 100,000 deep); shallower nesting is measured after."""
     if len(text) > MAX_JSON_BYTES:
         raise CheckpointError(f"{source}: {what} is {len(text)} bytes, more than the {MAX_JSON_BYTES} allowed")
-    brackets = re.findall(r"[\[\]{}]", _JSON_STRING.sub("", text))
-    depth = max(itertools.accumulate(1 if b in "[{" else -1 for b in brackets), default=0)
-    if depth > MAX_JSON_DEPTH:
-        raise CheckpointError(f"{source}: {what} nests {depth} levels deep, more than the {MAX_JSON_DEPTH} allowed")
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as e:
+        value = json.loads(text)
+    except RecursionError:
+        raise CheckpointError(f"{source}: {what} nests deeper than the {MAX_JSON_DEPTH} levels allowed") from None
+    except ValueError as e:
         raise CheckpointError(f"{source}: invalid {what} ({e})") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{source}: {what} nests {_depth(value)} levels deep, more than the "
+                              f"{MAX_JSON_DEPTH} allowed")
+    return value
 
 
 # -- describing a quantized model --------------------------------------------------------------
@@ -446,6 +455,9 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, torch.Tensor], sou
     expected = model.state_dict(keep_vars=True)
     fixed = _fixed_dtype_keys(model)
     _check_index(expected, {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}, fixed, source)
+    stored = {t.dtype for k, t in tensors.items() if t.is_floating_point() and k not in fixed}
+    if torch_dtype is None and len(stored) > 1:  # a save holds one compute dtype; mixed ones cannot run
+        raise CheckpointError(f"{source}: full-precision tensors mix dtypes {sorted(map(str, stored))}")
     loaded = {}
     for key in expected:
         t = tensors[key]
@@ -482,14 +494,44 @@ def _single_file_configs(path, meta: dict[str, str], index) -> tuple[dict[str, A
     return qcfg, check_model_config(model_cfg, str(path), index)
 
 
-def _diffusers_class(name: Any):
+def _diffusers_class(name: Any, source: str):
     import diffusers
 
-    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    try:
+        cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    except Exception:  # noqa: BLE001 - a lazy diffusers attribute whose import fails is no model class either
+        cls = None
     if (cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.ModelMixin)
             or cls is diffusers.ModelMixin):
-        raise CheckpointError(f"model class {name!r} is not a diffusers model class; ditq never runs remote code")
+        raise CheckpointError(f"{source}: model class {name!r} is not a diffusers model class; ditq never runs "
+                              "remote code")
     return cls
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    kinds = (int, str, (list, tuple))
+    return next((isinstance(value, k) for k in kinds if isinstance(default, k)), True)
+
+
+def _check_config_types(cfg: dict[str, Any], cls: type, source: str) -> None:
+    """Each stored value of a constructor argument must be of its default's kind (a string ``norm_eps``
+    would build and then fail in the first forward); arguments defaulting to None take scalars."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in cfg.items():
+        if key not in params or params[key].default is inspect.Parameter.empty:
+            continue
+        default = params[key].default
+        ok = (value is None or isinstance(value, (bool, int, float, str))) if default is None else \
+            _same_kind(value, default)
+        if not ok:
+            raise CheckpointError(f"{source}: model_config[{key!r}] = {value!r} is not of the kind "
+                                  f"{cls.__name__} takes ({type(default).__name__}, like its default {default!r})")
 
 
 def build_empty_model(model_config: dict[str, Any], source: str, *, meta: bool = False) -> nn.Module:
@@ -500,7 +542,8 @@ def build_empty_model(model_config: dict[str, Any], source: str, *, meta: bool =
     from accelerate import init_empty_weights
 
     cfg = {k: v for k, v in model_config.items() if k != "quantization_config"}
-    cls = _diffusers_class(cfg.get("_class_name", "?"))
+    cls = _diffusers_class(cfg.get("_class_name", "?"), source)
+    _check_config_types(cfg, cls, source)
     try:
         with torch.device("meta") if meta else init_empty_weights():
             return cls.from_config(cfg)
