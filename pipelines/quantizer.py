@@ -20,8 +20,10 @@ import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
-from ..quant_core.serialization import (FORMAT_VERSION, check_quantization_config, load_quantized_state,
-                                        prepare_quantized_modules, quantization_config, quantized_layers)
+from ..quant_core.serialization import (CONTENT_HASH_KEY, FORMAT_VERSION, WEIGHTS_HASH_KEY, CheckpointError,
+                                        check_computed_buffers, check_quantization_config, content_hash,
+                                        load_quantized_state, prepare_quantized_modules, quantization_config,
+                                        quantized_layers, read_header)
 
 QUANT_METHOD = "ditq"
 
@@ -46,6 +48,7 @@ class DitqConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         d = copy.deepcopy(self.__dict__)
         d["quant_method"] = QUANT_METHOD  # config.json is written with json.dumps: a plain string
+        d.pop(WEIGHTS_HASH_KEY, None)  # names the weights it was loaded with, not those a re-save writes
         return d
 
     def to_diff_dict(self) -> dict[str, Any]:  # repr() calls it; the mixin does not define it
@@ -68,6 +71,7 @@ class DitqQuantizer(DiffusersQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.compute_dtype: torch.dtype | None = None
         self.source = "ditq checkpoint"
+        self._files: list[str] = []
         self._tensors: dict[str, torch.Tensor] = {}
         self._expected: set[str] | None = None
         self._loaded = False
@@ -85,11 +89,13 @@ class DitqQuantizer(DiffusersQuantizer):
 
     def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
         if checkpoint_files:
-            self.source = ", ".join(str(f) for f in checkpoint_files)
+            self._files = [str(f) for f in checkpoint_files]
+            self.source = ", ".join(self._files)
         return loaded_keys
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         qcfg = check_quantization_config(self.quantization_config.to_dict(), self.source)
+        check_computed_buffers(model, self.source)
         prepare_quantized_modules(model, qcfg, self.source, dtype=self.compute_dtype or torch.float32)
         return model
 
@@ -111,10 +117,25 @@ class DitqQuantizer(DiffusersQuantizer):
             self._load(model, param_device)
 
     def _load(self, model, device=None) -> None:
+        self._check_hashes()
         load_quantized_state(model, self._tensors, self.source, self.compute_dtype or torch.float32)
         self._tensors, self._loaded = {}, True
         if device is not None and torch.device(device).type != "cpu":
             model.to(device)
+
+    def _check_hashes(self) -> None:
+        """The content hash ditq's own saves put in the header, and config.json's record of it, when
+        the checkpoint is one file (diffusers hands us its tensors as stored)."""
+        if len(self._files) != 1:
+            return
+        _, meta = read_header(self._files[0])
+        recorded = getattr(self.quantization_config, WEIGHTS_HASH_KEY, None)
+        if recorded is not None and recorded != meta.get(CONTENT_HASH_KEY):
+            raise CheckpointError(f"{self.source}: config.json and the weights come from different saves (a save "
+                                  "interrupted between them?)")
+        if CONTENT_HASH_KEY in meta and content_hash(self._tensors, meta) != meta[CONTENT_HASH_KEY]:
+            raise CheckpointError(f"{self.source}: content hash mismatch: the file was altered or corrupted "
+                                  "after it was saved")
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self._loaded:  # some tensors never came: the core names them

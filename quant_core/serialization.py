@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import LAYER_TYPES, QuantModule
+from .layers import FP16_MAX, LAYER_TYPES, QuantModule
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -359,7 +359,8 @@ def check_quantization_config(qcfg: Any, source: str, max_layers: int | None = N
         raise CheckpointError(f"{source}: quantization_config lists {len(layers)} layers, but the file holds "
                               f"only {max_layers} tensors")
     for name, spec in layers.items():
-        if not isinstance(spec, dict) or spec.get("layer_type") not in LAYER_TYPES:
+        if not isinstance(spec, dict) or not isinstance(spec.get("layer_type"), str) \
+                or spec["layer_type"] not in LAYER_TYPES:
             raise CheckpointError(f"{source}: layer {name!r} has unknown layer_type "
                                   f"{spec.get('layer_type') if isinstance(spec, dict) else spec!r}; "
                                   f"known: {sorted(LAYER_TYPES)}")
@@ -464,6 +465,9 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, torch.Tensor], sou
         if t.is_floating_point() and key not in fixed:
             if not torch.isfinite(t).all():
                 raise CheckpointError(f"{source}: tensor {key!r} has NaN/Inf values")
+            if t.numel() and t.abs().max() > FP16_MAX:
+                raise CheckpointError(f"{source}: tensor {key!r} has values beyond +-{FP16_MAX:g}; a DiT's "
+                                      "weights fit float16, the compute dtype it is run in")
             if torch_dtype is not None:
                 t = t.to(torch_dtype)
         loaded[key] = t
@@ -529,6 +533,8 @@ def _check_config_types(cfg: dict[str, Any], cls: type, source: str) -> None:
         default = params[key].default
         ok = (value is None or isinstance(value, (bool, int, float, str))) if default is None else \
             _same_kind(value, default)
+        if ok and isinstance(default, float) and default > 0 and not value > 0:  # epsilons, scales
+            raise CheckpointError(f"{source}: model_config[{key!r}] = {value!r} must be > 0 (default {default!r})")
         if not ok:
             raise CheckpointError(f"{source}: model_config[{key!r}] = {value!r} is not of the kind "
                                   f"{cls.__name__} takes ({type(default).__name__}, like its default {default!r})")
@@ -550,6 +556,15 @@ def build_empty_model(model_config: dict[str, Any], source: str, *, meta: bool =
     except Exception as e:  # noqa: BLE001 - the constructor's own errors on a hostile config
         raise CheckpointError(f"{source}: the stored model config does not build a {cls.__name__}: "
                               f"{type(e).__name__}: {e}") from None
+
+
+def check_computed_buffers(model: nn.Module, source: str) -> None:
+    """Buffers the constructor computed from the config (positional tables) must be finite: a config
+    value such as ``interpolation_scale = 0`` builds a model whose every output is NaN."""
+    stored = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    for name, buf in model.named_buffers():
+        if id(buf) not in stored and buf.is_floating_point() and not torch.isfinite(buf).all():
+            raise CheckpointError(f"{source}: the stored model config makes buffer {name!r} non-finite")
 
 
 def plan_model(model_cfg: dict[str, Any], qcfg: dict[str, Any], index: dict[str, tuple[tuple[int, ...], str]],
@@ -614,6 +629,7 @@ def load_quantized(path_or_repo, torch_dtype: torch.dtype | None = None, *, subf
     plan_model(model_cfg, qcfg, index, Path(weights).stat().st_size, source)
     tensors, _ = read_safetensors(weights)
     model = build_empty_model(model_cfg, source)
+    check_computed_buffers(model, source)
     compute = torch_dtype or torch.float32
     prepare_quantized_modules(model, qcfg, source, dtype=compute)
     load_quantized_state(model, tensors, source, torch_dtype)
