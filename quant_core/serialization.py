@@ -220,20 +220,25 @@ def read_safetensors(path, *, verify: bool = True) -> tuple[dict[str, torch.Tens
 
 def _depth(value: Any) -> int:
     """Nesting depth of parsed JSON, walked without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, (dict, list)):
-            deepest = max(deepest, d)
-            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    deepest, level = 0, [value] if isinstance(value, (dict, list)) else []
+    while level:  # breadth first, one level at a time
+        deepest += 1
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, (dict, list))]
     return deepest
 
 
-def parse_json(text: str, source: str, what: str = "JSON") -> Any:
+def json_budget(tensor_count: int) -> int:
+    """Bytes of config JSON a checkpoint of ``tensor_count`` tensors can warrant: a layer's spec and its
+    config_groups entry take ~1 KB and every layer stores at least one tensor; 16 KB each is generous."""
+    return min(MAX_JSON_BYTES, (1 << 20) + (16 << 10) * tensor_count)
+
+
+def parse_json(text: str, source: str, what: str = "JSON", max_bytes: int = MAX_JSON_BYTES) -> Any:
     """``json.loads`` bounded in size and nesting depth. Python's parser recurses per level and raises
     RecursionError past ~1000 levels (a file nested 100,000 deep); shallower nesting is measured after."""
-    if len(text) > MAX_JSON_BYTES:
-        raise CheckpointError(f"{source}: {what} is {len(text)} bytes, more than the {MAX_JSON_BYTES} allowed")
+    if len(text) > max_bytes:
+        raise CheckpointError(f"{source}: {what} is {len(text)} bytes, more than the {max_bytes} its tensors "
+                              "warrant")
     try:
         value = json.loads(text)
     except RecursionError:
@@ -492,8 +497,9 @@ def read_single_file(path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dic
 def _single_file_configs(path, meta: dict[str, str], index) -> tuple[dict[str, Any], dict[str, Any]]:
     if "ditq.quantization_config" not in meta or "ditq.model_config" not in meta:
         raise CheckpointError(f"{path}: header lacks a ditq quantization config; not a ditq single-file checkpoint")
-    qcfg = parse_json(meta["ditq.quantization_config"], str(path), "ditq.quantization_config")
-    model_cfg = parse_json(meta["ditq.model_config"], str(path), "ditq.model_config")
+    budget = json_budget(len(index))
+    qcfg = parse_json(meta["ditq.quantization_config"], str(path), "ditq.quantization_config", budget)
+    model_cfg = parse_json(meta["ditq.model_config"], str(path), "ditq.model_config", budget)
     check_quantization_config(qcfg, str(path), max_layers=len(index))
     return qcfg, check_model_config(model_cfg, str(path), index)
 
@@ -620,9 +626,11 @@ def load_quantized(path_or_repo, torch_dtype: torch.dtype | None = None, *, subf
     else:
         folder = _resolve_folder(str(path_or_repo), subfolder=subfolder, revision=revision,
                                  cache_dir=cache_dir, local_files_only=local_files_only)
-        model_cfg, qcfg = read_folder_config(folder)
         weights = source = str(folder / WEIGHTS_NAME)
+        if not (folder / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{folder}: missing {CONFIG_NAME}")
         index, meta = read_header(weights)
+        model_cfg, qcfg = read_folder_config(folder, json_budget(len(index)))
         check_quantization_config(qcfg, source, max_layers=len(index))
         check_model_config(model_cfg, str(folder / CONFIG_NAME), index)
         _check_weights_hash(qcfg, meta, folder)
@@ -636,18 +644,19 @@ def load_quantized(path_or_repo, torch_dtype: torch.dtype | None = None, *, subf
     return model.to(device).eval()
 
 
-def read_folder_config(folder: Path) -> tuple[dict[str, Any], Any]:
+def read_folder_config(folder: Path, max_bytes: int = MAX_JSON_BYTES) -> tuple[dict[str, Any], Any]:
     """A folder's config.json (size- and depth-bounded) and the quantization_config in it."""
     cfg_path = Path(folder) / CONFIG_NAME
     if not cfg_path.is_file():
         raise CheckpointError(f"{folder}: missing {CONFIG_NAME}")
-    if cfg_path.stat().st_size > MAX_JSON_BYTES:
-        raise CheckpointError(f"{cfg_path}: {cfg_path.stat().st_size} bytes, more than the {MAX_JSON_BYTES} allowed")
+    if cfg_path.stat().st_size > max_bytes:
+        raise CheckpointError(f"{cfg_path}: {cfg_path.stat().st_size} bytes, more than the {max_bytes} its "
+                              "tensors warrant")
     try:
         text = cfg_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: unreadable ({e})") from None
-    model_cfg = parse_json(text, str(cfg_path))
+    model_cfg = parse_json(text, str(cfg_path), max_bytes=max_bytes)
     if not isinstance(model_cfg, dict):
         raise CheckpointError(f"{cfg_path}: expected a JSON object, got {type(model_cfg).__name__}")
     return model_cfg, model_cfg.get("quantization_config")
