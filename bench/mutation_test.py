@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PINS = "tests/test_numeric_pins.py"
 HOSTILE = "tests/test_checkpoint_hostile.py"
+PYTEST = str(Path(sys.executable).parent / "pytest")
 NO_FUZZ = ["--deselect", f"{HOSTILE}::test_fuzz_every_case_loads_finite_or_is_refused"]
 
 
@@ -85,7 +86,8 @@ def pytest(args: tuple[str, ...], timeout: int) -> tuple[bool, float]:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
     try:
-        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *NO_FUZZ, *args], cwd=ROOT, env=env,
+        # the console script, not `python -m pytest`, which would put the checkout itself on sys.path
+        res = subprocess.run([PYTEST, "-q", "-x", *NO_FUZZ, *args], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=timeout)
         passed = res.returncode == 0
         if res.returncode not in (0, 1):  # 2-5: usage errors, nothing collected: not a kill
