@@ -37,7 +37,7 @@ class Mutant:
 
 MUTANTS = [
     # the six the issue-22 audit saw survive
-    Mutant("alpha-swap", "quant_core/smoothing.py", "a.pow(alpha) / w.pow(1.0 - alpha)",
+    Mutant("alpha-swap", "quant_core/passes/smoothing.py", "a.pow(alpha) / w.pow(1.0 - alpha)",
            "a.pow(1.0 - alpha) / w.pow(alpha)", (PINS, "tests/test_vidit_q.py", "-k", "smoothing")),
     Mutant("int8-range-128", "quant_core/quantizers.py", "return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1",
            "return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1", (PINS, "tests/test_core_quantizers.py")),
@@ -48,7 +48,7 @@ MUTANTS = [
     Mutant("finite-scale-check", "quant_core/layers.py",
            '_require(torch.isfinite(scale).all(), "non-finite weight scales")', "pass",
            (HOSTILE, "-k", "values_outside")),
-    Mutant("kmeans-empty-cluster", "quant_core/kmeans.py",
+    Mutant("kmeans-empty-cluster", "quant_core/passes/kmeans.py",
            "return torch.where((counts > 0).reshape(batch, k, 1), means, old)", "return means",
            (PINS, "-k", "kmeans")),
     # further single-line bugs
@@ -58,7 +58,7 @@ MUTANTS = [
            "zero = (qmin - lo / scale).clamp(qmin, qmax)", (PINS, "tests/test_core_quantizers.py")),
     Mutant("dequant-zero-sign", "quant_core/quantizers.py", "g = g - zero.float().unsqueeze(-1)",
            "g = g + zero.float().unsqueeze(-1)", (PINS, "tests/test_core_quantizers.py")),
-    Mutant("smooth-weight-floor", "quant_core/smoothing.py", "w = weight.detach().float().abs().amax(dim=0).clamp_min(WEIGHT_FLOOR)",
+    Mutant("smooth-weight-floor", "quant_core/passes/smoothing.py", "w = weight.detach().float().abs().amax(dim=0).clamp_min(WEIGHT_FLOOR)",
            "w = weight.detach().float().abs().amax(dim=0)", (PINS, "-k", "smoothing")),
     Mutant("per-token-finite-check", "quant_core/quantizers.py", "    check_finite(scale, name)\n    return quantize(x, scale, None, bits), scale",
            "    return quantize(x, scale, None, bits), scale", ("tests/test_core_quantizers.py",)),

@@ -224,7 +224,7 @@ def test_loaded_switch_variants_keep_their_names_and_codebook_checks_input(tmp_p
     from ditq.quant_core.config import LayerScheme
     from ditq.quant_core.layers import QuantLinear, qz
     from ditq.quant_core.models import set_submodule
-    from ditq.quant_core.switching import TimestepSwitchLinear
+    from ditq.quant_core.methods.vidit_q.switching import TimestepSwitchLinear
 
     model = fuzz.quantized_tiny_model()
     name = "transformer_blocks.1.ff.net.2"

@@ -3,7 +3,8 @@ the rest of the suite let through fails here (see bench/mutation_test.py for the
 import pytest
 import torch
 
-from ditq.quant_core import kmeans, quantizers as qz, smoothing
+from ditq.quant_core import quantizers as qz
+from ditq.quant_core.passes import kmeans, smoothing
 
 
 @pytest.mark.parametrize("alpha", [0.12, 0.3, 0.88])
