@@ -112,7 +112,7 @@ def test_deep_folder_config_and_wrong_kinds(tmp_path, bases):
 def test_fuzz_every_case_loads_finite_or_is_refused():
     """Seeded mutations of a tiny checkpoint (DITQ_FUZZ_CASES to run more; the 2,400-case campaign is
     ``python tests/checkpoint_fuzz.py``)."""
-    cases = int(os.environ.get("DITQ_FUZZ_CASES", "250"))
+    cases = int(os.environ.get("DITQ_FUZZ_CASES", "200"))
     result = fuzz.campaign(cases, seed=int(os.environ.get("DITQ_FUZZ_SEED", "0")))
     assert not result["failures"], result["failures"][:5]
     assert result["outcomes"].get("rejected", 0) > cases // 2 and result["outcomes"].get("ok", 0) > 0
