@@ -26,7 +26,8 @@ from typing import Any, Sequence
 import torch
 from diffusers import DiffusionPipeline, DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline
 
-from ..quant_core.serialization import CheckpointError, atomic_write_text
+from ..quant_core.serialization import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write_text, check_folder,
+                                        read_folder_config)
 from . import model_card
 from .quantizer import DitqConfig, attach_quantizer, is_ditq_model, register
 
@@ -57,6 +58,23 @@ def _read_json(source: str, filename: str, **hub) -> dict | None:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{source}: {filename} is not valid JSON ({e})") from None
+
+
+def _check_transformer_first(source: str, subfolder: str, hub: dict) -> None:
+    """diffusers builds the transformer from its config.json before any quantizer hook runs, so a
+    hostile config (attention_head_dim 0, sample_size 16384) would fail or allocate inside diffusers.
+    A ditq transformer is checked the way load_quantized checks it, on the meta device, first."""
+    folder = Path(source) / subfolder
+    if not folder.is_dir():  # a Hub repo: fetch the transformer's files into the cache diffusers reads
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source, allow_patterns=[f"{subfolder}/*"],
+                                        **{k: v for k, v in hub.items() if v is not None})) / subfolder
+    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+        return  # sharded or not there: diffusers reports it, our hooks validate every tensor
+    _, qcfg = read_folder_config(folder)
+    if isinstance(qcfg, dict) and qcfg.get("quant_method") == "ditq":
+        check_folder(folder)
 
 
 def _images(output) -> torch.Tensor:
@@ -96,6 +114,7 @@ class QuantizedPipelineMixin:
         try:
             if index is not None:
                 target = cls._variant(index.get("_class_name"), source)
+                _check_transformer_first(source, "transformer", hub)
                 pipe = DiffusionPipeline.from_pretrained.__func__(target, source, **kwargs)
             else:
                 target = cls._variant(pointer.get("pipeline_class"), source)
@@ -141,6 +160,8 @@ class QuantizedPipelineMixin:
         import diffusers
 
         model_kwargs = {k: kwargs[k] for k in ("torch_dtype", "dtype", *_HUB_KEYS) if k in kwargs}
+        _check_transformer_first(source, pointer.get("transformer", "transformer"),
+                                 {k: kwargs.get(k) for k in _HUB_KEYS})
         transformer = getattr(diffusers, cls.transformer_class).from_pretrained(
             source, subfolder=pointer.get("transformer", "transformer"), **model_kwargs)
         base_kwargs = {**kwargs, "transformer": transformer, "revision": pointer.get("base_revision")}

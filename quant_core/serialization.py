@@ -623,18 +623,12 @@ def load_quantized(path_or_repo, torch_dtype: torch.dtype | None = None, *, subf
         weights = source = str(p)
         index, meta = read_header(p)
         qcfg, model_cfg = _single_file_configs(p, meta, index)
+        plan_model(model_cfg, qcfg, index, p.stat().st_size, source)
     else:
         folder = _resolve_folder(str(path_or_repo), subfolder=subfolder, revision=revision,
                                  cache_dir=cache_dir, local_files_only=local_files_only)
         weights = source = str(folder / WEIGHTS_NAME)
-        if not (folder / CONFIG_NAME).is_file():
-            raise CheckpointError(f"{folder}: missing {CONFIG_NAME}")
-        index, meta = read_header(weights)
-        model_cfg, qcfg = read_folder_config(folder, json_budget(len(index)))
-        check_quantization_config(qcfg, source, max_layers=len(index))
-        check_model_config(model_cfg, str(folder / CONFIG_NAME), index)
-        _check_weights_hash(qcfg, meta, folder)
-    plan_model(model_cfg, qcfg, index, Path(weights).stat().st_size, source)
+        model_cfg, qcfg = check_folder(folder)
     tensors, _ = read_safetensors(weights)
     model = build_empty_model(model_cfg, source)
     check_computed_buffers(model, source)
@@ -642,6 +636,23 @@ def load_quantized(path_or_repo, torch_dtype: torch.dtype | None = None, *, subf
     prepare_quantized_modules(model, qcfg, source, dtype=compute)
     load_quantized_state(model, tensors, source, torch_dtype)
     return model.to(device).eval()
+
+
+def check_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Everything about a ditq folder that can be checked before allocating: header, config bounds,
+    the weights hash, and the meta-device plan against the tensor index. Returns (model config,
+    quantization config). Loaders that build the model themselves (diffusers) call it first."""
+    folder = Path(folder)
+    weights = source = str(folder / WEIGHTS_NAME)
+    if not (folder / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{folder}: missing {CONFIG_NAME}")
+    index, meta = read_header(weights)
+    model_cfg, qcfg = read_folder_config(folder, json_budget(len(index)))
+    check_quantization_config(qcfg, source, max_layers=len(index))
+    check_model_config(model_cfg, str(folder / CONFIG_NAME), index)
+    _check_weights_hash(qcfg, meta, folder)
+    plan_model(model_cfg, qcfg, index, Path(weights).stat().st_size, source)
+    return model_cfg, qcfg
 
 
 def read_folder_config(folder: Path, max_bytes: int = MAX_JSON_BYTES) -> tuple[dict[str, Any], Any]:

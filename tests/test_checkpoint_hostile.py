@@ -273,3 +273,18 @@ def test_cli_errors_are_one_line_unless_debug(tmp_path, capsys):
     assert main(["quantize", "--preset", "rtn-w8a8-dynamic", "--out", str(tmp_path / "blocker" / "q")]) == 2
     assert "blocker is a file" in capsys.readouterr().err
     assert time.perf_counter() - t0 < 5  # refused before loading and quantizing the model
+
+
+def test_pipeline_load_checks_the_transformer_before_diffusers_builds_it(tmp_path, tiny_pipe, fresh):
+    from ditq import QuantizedPixArtPipeline
+
+    folder = tmp_path / "pipe"
+    tiny_pipe.save_pretrained(folder)
+    model = fresh(tiny_pipe.transformer)
+    quantize(model, QuantConfig.preset("rtn-w8a8-dynamic"), progress=False)
+    save_quantized(model, folder / "transformer")
+    cfg = json.loads((folder / "transformer" / CONFIG_NAME).read_text())
+    cfg["attention_head_dim"] = 0  # diffusers' own constructor would raise ZeroDivisionError
+    (folder / "transformer" / CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"transformer/{WEIGHTS_NAME}: the stored model config does not build"):
+        QuantizedPixArtPipeline.from_pretrained(folder)
