@@ -63,7 +63,7 @@ MUTANTS = [
     Mutant("per-token-finite-check", "quant_core/quantizers.py", "    check_finite(scale, name)\n    return quantize(x, scale, None, bits), scale",
            "    return quantize(x, scale, None, bits), scale", ("tests/test_core_quantizers.py",)),
     Mutant("content-hash-check", "quant_core/serialization.py",
-           "if verify and CONTENT_HASH_KEY in meta and content_hash(tensors, meta) != meta[CONTENT_HASH_KEY]:",
+           "if CONTENT_HASH_KEY in meta and content_hash(tensors, meta) != meta[CONTENT_HASH_KEY]:",
            "if False:", (HOSTILE, "-k", "corpus")),
     Mutant("weights-hash-check", "quant_core/serialization.py",
            "if recorded is not None and recorded != meta.get(CONTENT_HASH_KEY):", "if False:",

@@ -179,40 +179,34 @@ def _safetensors_errors():
     return (SafetensorError, OSError, RuntimeError, ValueError, OverflowError)
 
 
+def _read(path, take) -> tuple[dict[str, str], Any]:
+    """``(header metadata, take(open file))`` with every failure a CheckpointError naming the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, take(f)
+    except _safetensors_errors() as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
 def read_header(path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, str]]:
     """``({tensor name: (shape, dtype name)}, metadata)`` from a safetensors header, reading no data
     (safetensors bounds the header and checks every tensor lies inside the file)."""
-    from safetensors import safe_open
+    def index(f):
+        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            index = {}
-            for k in f.keys():
-                sl = f.get_slice(k)
-                index[k] = (tuple(sl.get_shape()), sl.get_dtype())
-    except _safetensors_errors() as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-    return index, meta
+    meta, found = _read(path, index)
+    return found, meta
 
 
-def read_safetensors(path, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor and the header metadata; with ``verify`` the content hash is checked if present."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except _safetensors_errors() as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-    if verify and CONTENT_HASH_KEY in meta and content_hash(tensors, meta) != meta[CONTENT_HASH_KEY]:
+def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the header metadata; the content hash is checked if the header has one."""
+    meta, tensors = _read(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
+    if CONTENT_HASH_KEY in meta and content_hash(tensors, meta) != meta[CONTENT_HASH_KEY]:
         raise CheckpointError(f"{path}: content hash mismatch: the file was altered or corrupted after it was "
                               f"saved ({CONTENT_HASH_KEY} in its header no longer matches its tensors)")
     return tensors, meta
