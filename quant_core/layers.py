@@ -17,6 +17,7 @@ from .config import LayerScheme
 
 LAYER_TYPES: dict[str, type["QuantModule"]] = {}
 FP16_MAX = 65504.0  # dequantized weights must fit the compute dtype ditq targets
+MIN_SMOOTH_SCALE = 1e-8  # smoothing divides activations by it: a denormal one turns them into Inf
 
 
 def _require(ok: torch.Tensor | bool, what: str) -> None:
@@ -274,7 +275,7 @@ class QuantLinear(QuantModule):
     def check_state(self) -> None:
         """The format's rules: weight scales finite, > 0 and small enough that the largest dequantized
         weight fits float16; zero points finite integers in the stored range; static input scales and
-        smoothing scales finite and > 0; rotation signs +-1; fp8 weights finite. (Full-precision
+        smoothing scales finite and > 0 (smoothing ones >= MIN_SMOOTH_SCALE); rotation signs +-1; fp8 weights finite. (Full-precision
         tensors such as the bias are checked finite by serialization for every layer type.)"""
         s = self.scheme
         scale = self.weight_scale
@@ -294,6 +295,8 @@ class QuantLinear(QuantModule):
             t = getattr(self, name)
             if t is not None:
                 _require((torch.isfinite(t) & (t > 0)).all(), f"{name} must be finite and > 0")
+        if self.smooth_scale is not None:
+            _require((self.smooth_scale >= MIN_SMOOTH_SCALE).all(), f"smooth_scale below {MIN_SMOOTH_SCALE:g}")
         if self.rotation_signs is not None:
             _require((self.rotation_signs.abs() == 1).all(), "rotation_signs must all be +1 or -1")
 

@@ -201,6 +201,7 @@ def test_check_writable_before_quantizing(tmp_path):
     ("transformer_blocks.0.attn1.to_k.weight_zero_point", 9.0, "zero points must be integers in"),
     ("transformer_blocks.0.attn1.to_v.rotation_signs", 0, "rotation_signs must all be"),
     ("transformer_blocks.0.attn1.to_v.smooth_scale", -1.0, "smooth_scale must be finite and > 0"),
+    ("transformer_blocks.0.attn1.to_v.smooth_scale", 1e-45, "smooth_scale below 1e-08"),
     ("transformer_blocks.0.attn1.to_k.input_scale", float("nan"), "input_scale must be finite and > 0"),
     ("transformer_blocks.0.attn1.to_out.0.weight", float("nan"), "fp8 weight has NaN"),
     ("transformer_blocks.0.attn2.to_q.codebook", float("inf"), "codebook has NaN/Inf"),
