@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -40,8 +39,9 @@ def _quantize_on_this_rank(args) -> int:
     from .quant_core.methods import calibration_needs
     from .evaluation.prompts import load_prompts
     from .quant_core.quantize import quantize
-    from .quant_core.serialization import save_quantized
+    from .quant_core.serialization import check_writable, save_quantized
 
+    check_writable(args.out)  # before minutes of calibration and quantization, not after
     cfg = QuantConfig.from_json(Path(args.config).read_text()) if args.config else QuantConfig.preset(args.preset)
     pipe, call = load_pipeline(args.model, getattr(torch, args.dtype))
     pipe.set_progress_bar_config(disable=True)
@@ -63,27 +63,21 @@ def _quantize_on_this_rank(args) -> int:
 
 
 def _info(args) -> int:
-    from .quant_core.serialization import CONFIG_NAME, CheckpointError, check_quantization_config, read_single_file
+    from .quant_core.serialization import check_quantization_config, read_folder_config, read_single_file
 
     path = Path(args.path)
-    try:
-        if path.suffix == ".safetensors":
-            _, qcfg, _ = read_single_file(path)
-        else:
-            cfg_path = path / CONFIG_NAME if path.is_dir() else path
-            if not cfg_path.is_file():
-                raise CheckpointError(f"{path}: no {CONFIG_NAME} here")
-            qcfg = json.loads(cfg_path.read_text()).get("quantization_config")
+    if path.suffix == ".safetensors":
+        _, qcfg, _ = read_single_file(path)
+    else:
+        _, qcfg = read_folder_config(path if path.is_dir() else path.parent)
         check_quantization_config(qcfg, str(path))
-    except (CheckpointError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    formats = Counter(spec.get("scheme", {}).get("weight_bits", spec["layer_type"]) if spec["layer_type"] == "linear"
-                      else spec["layer_type"] for spec in qcfg["layers"].values())
-    print(f"ditq format v{qcfg['format_version']}, method {qcfg.get('method')}, {len(qcfg['layers'])} quantized layers")
+    layers = qcfg["layers"]
+    formats = Counter(_format_of(spec) for spec in layers.values())
+    print(f"ditq format v{qcfg['format_version']}, method {qcfg.get('method')}, {len(layers)} quantized layers")
     for fmt, n in sorted(formats.items(), key=str):
-        print(f"  {n:4d} x {'int' + str(fmt) + ' weights' if isinstance(fmt, int) else fmt}")
-    print(f"  kept in full precision: {len(qcfg.get('ignore', []))} Linear layers")
+        print(f"  {n:4d} x {fmt}")
+    ignore = qcfg.get("ignore", [])
+    print(f"  kept in full precision: {len(ignore) if isinstance(ignore, list) else '?'} Linear layers")
     if args.verify:
         from .quant_core.serialization import load_quantized
 
@@ -92,8 +86,16 @@ def _info(args) -> int:
     return 0
 
 
+def _format_of(spec: dict) -> str:
+    scheme = spec.get("scheme")
+    if spec["layer_type"] == "linear" and isinstance(scheme, dict) and isinstance(scheme.get("weight_bits"), int):
+        return f"int{scheme['weight_bits']} weights"
+    return str(spec["layer_type"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ditq", description="Post-training quantization for diffusion transformers")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="quantize a PixArt with every preset; side-by-side PNG and a table")
     d.add_argument("--model", help="diffusers PixArt folder or Hub repo id (default: the built-in tiny PixArt)")
@@ -118,4 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--verify", action="store_true", help="also load it fully")
     i.set_defaults(fn=_info)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for users; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 2

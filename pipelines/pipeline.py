@@ -25,8 +25,8 @@ from typing import Any, Sequence
 import torch
 from diffusers import DiffusionPipeline, DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline
 
-from ..quant_core.serialization import (CheckpointError, atomic_write_text, hub_error, is_repo_id,
-                                        local_path_missing)
+from ..quant_core.serialization import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write_text, check_folder,
+                                        hub_error, is_repo_id, local_path_missing, read_folder_config)
 from . import model_card
 from .quantizer import DitqConfig, attach_quantizer, is_ditq_model, register
 
@@ -73,6 +73,23 @@ def _known_absent(repo: str, filename: str, **hub) -> bool:
     return found is _CACHED_NO_EXIST
 
 
+def _check_transformer_first(source: str, subfolder: str, hub: dict) -> None:
+    """diffusers builds the transformer from its config.json before any quantizer hook runs, so a
+    hostile config (attention_head_dim 0, sample_size 16384) would fail or allocate inside diffusers.
+    A ditq transformer is checked the way load_quantized checks it, on the meta device, first."""
+    folder = Path(source) / subfolder
+    if not folder.is_dir():  # a Hub repo: fetch the transformer's files into the cache diffusers reads
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source, allow_patterns=[f"{subfolder}/*"],
+                                        **{k: v for k, v in hub.items() if v is not None})) / subfolder
+    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+        return  # sharded or not there: diffusers reports it, our hooks validate every tensor
+    _, qcfg = read_folder_config(folder)
+    if isinstance(qcfg, dict) and qcfg.get("quant_method") == "ditq":
+        check_folder(folder)
+
+
 def _images(output) -> torch.Tensor:
     """``[N, C, H, W]`` from an image pipeline's ``images`` or a video pipeline's ``frames`` (one image
     per frame), as ``output_type="np"`` returns them."""
@@ -114,6 +131,7 @@ class QuantizedPipelineMixin:
         try:
             if index is not None:
                 target = cls._variant(index.get("_class_name"), source)
+                _check_transformer_first(source, "transformer", hub)
                 pipe = DiffusionPipeline.from_pretrained.__func__(target, source, **kwargs)
             else:
                 target = cls._variant(pointer.get("pipeline_class"), source)
@@ -158,6 +176,8 @@ class QuantizedPipelineMixin:
         import diffusers
 
         model_kwargs = {k: kwargs[k] for k in ("torch_dtype", "dtype", *_HUB_KEYS) if k in kwargs}
+        _check_transformer_first(source, pointer.get("transformer", "transformer"),
+                                 {k: kwargs.get(k) for k in _HUB_KEYS})
         transformer = getattr(diffusers, cls.transformer_class).from_pretrained(
             source, subfolder=pointer.get("transformer", "transformer"), **model_kwargs)
         base_kwargs = {**kwargs, "transformer": transformer, "revision": pointer.get("base_revision")}

@@ -24,10 +24,11 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from ..quant_core.layers import QuantModule
-from ..quant_core.serialization import (FORMAT_VERSION, MARKERS, CheckpointError, check_quantization_config,
-                                        compute_dtype, load_quantized_state, mark_quantized,
+from ..quant_core.serialization import (CONTENT_HASH_KEY, FORMAT_VERSION, MARKERS, WEIGHTS_HASH_KEY, CheckpointError,
+                                        check_computed_buffers, check_quantization_config, compute_dtype,
+                                        content_hash, load_quantized_state, mark_quantized,
                                         prepare_quantized_modules, quantization_config, quantized_layers,
-                                        stored_dtype)
+                                        read_header, stored_dtype)
 
 QUANT_METHOD = "ditq"
 
@@ -68,7 +69,9 @@ class DitqConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         # config.json is written with json.dumps: quant_method as a plain string, and recipe options
         # that are not JSON (a method's state_path) as their str(), as the core's save writes them
-        return json.loads(json.dumps({**self.__dict__, "quant_method": QUANT_METHOD}, default=str))
+        d = json.loads(json.dumps({**self.__dict__, "quant_method": QUANT_METHOD}, default=str))
+        d.pop(WEIGHTS_HASH_KEY, None)  # names the weights it was loaded with, not those a re-save writes
+        return d
 
     def to_diff_dict(self) -> dict[str, Any]:  # repr() calls it; the mixin does not define it
         return self.to_dict()
@@ -128,6 +131,7 @@ class DitqQuantizer(DiffusersQuantizer):
         self.compute_dtype: torch.dtype | None = None
         self.keep_fp32: list[str] = []
         self.source = "ditq checkpoint"
+        self._files: list[str] = []
         self._tensors: dict[str, torch.Tensor] = {}
         self._expected: set[str] | None = None
         self._loaded = False
@@ -149,13 +153,15 @@ class DitqQuantizer(DiffusersQuantizer):
 
     def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
         if checkpoint_files:
-            self.source = ", ".join(str(f) for f in checkpoint_files)
+            self._files = [str(f) for f in checkpoint_files]
+            self.source = ", ".join(self._files)
         return loaded_keys
 
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
         self.keep_fp32 = list(keep_in_fp32_modules or [])
         if self.pre_quantized:
             qcfg = check_quantization_config(self.quantization_config.to_dict(), self.source)
+            check_computed_buffers(model, self.source)
             prepare_quantized_modules(model, qcfg, self.source, dtype=self.compute_dtype, mark=False)
         return model
 
@@ -177,10 +183,25 @@ class DitqQuantizer(DiffusersQuantizer):
             self._load(model, param_device)
 
     def _load(self, model, device=None) -> None:
+        self._check_hashes()
         load_quantized_state(model, self._tensors, self.source, self.compute_dtype, keep_fp32=self.keep_fp32)
         self._tensors, self._loaded = {}, True
         if device is not None and torch.device(device).type != "cpu":
             model.to(device)
+
+    def _check_hashes(self) -> None:
+        """The content hash ditq's own saves put in the header, and config.json's record of it, when
+        the checkpoint is one file (diffusers hands us its tensors as stored)."""
+        if len(self._files) != 1:
+            return
+        _, meta = read_header(self._files[0])
+        recorded = getattr(self.quantization_config, WEIGHTS_HASH_KEY, None)
+        if recorded is not None and recorded != meta.get(CONTENT_HASH_KEY):
+            raise CheckpointError(f"{self.source}: config.json and the weights come from different saves (a save "
+                                  "interrupted between them?)")
+        if CONTENT_HASH_KEY in meta and content_hash(self._tensors, meta) != meta[CONTENT_HASH_KEY]:
+            raise CheckpointError(f"{self.source}: content hash mismatch: the file was altered or corrupted "
+                                  "after it was saved")
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:

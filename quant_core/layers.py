@@ -17,6 +17,13 @@ from . import quantizers as qz
 from .config import LayerScheme
 
 LAYER_TYPES: dict[str, type["QuantModule"]] = {}
+FP16_MAX = 65504.0  # dequantized weights must fit the compute dtype ditq targets
+MIN_SMOOTH_SCALE = 1e-8  # smoothing divides activations by it: a denormal one turns them into Inf
+
+
+def _require(ok: torch.Tensor | bool, what: str) -> None:
+    if not bool(ok):
+        raise ValueError(what)
 
 
 def register_layer_type(name: str):
@@ -179,6 +186,13 @@ class QuantLinear(QuantModule):
                  device=None):
         super().__init__()
         scheme.validate("QuantLinear", in_features)
+        if rotation_block is not None:
+            from ..kernels.reference import hadamard_factors
+
+            if not isinstance(rotation_block, int) or rotation_block < 1 or in_features % rotation_block:
+                raise ValueError(f"QuantLinear: rotation_block {rotation_block!r} must be a positive divisor "
+                                 f"of in_features {in_features}")
+            hadamard_factors(rotation_block)
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.rotation_block = rotation_block
         groups = qz.num_groups(in_features, scheme.group_size) if scheme.weight_granularity == "group" else 1
@@ -310,12 +324,42 @@ class QuantLinear(QuantModule):
     def format_name(self) -> str:
         return self.scheme.name
 
+    def check_state(self) -> None:
+        """The format's rules: weight scales finite, > 0 and small enough that the largest dequantized
+        weight fits float16; zero points finite integers in the stored range; static input scales and
+        smoothing scales finite and > 0 (smoothing ones >= MIN_SMOOTH_SCALE); rotation signs +-1; fp8 weights finite. (Full-precision
+        tensors such as the bias are checked finite by serialization for every layer type.)"""
+        s = self.scheme
+        scale = self.weight_scale
+        _require(torch.isfinite(scale).all(), "non-finite weight scales")
+        _require((scale > 0).all(), "weight scales must be > 0")
+        qmax = qz.FP8_MAX if s.weight_format == "fp8" else 2**s.weight_bits  # largest |q - zero|, rounded up
+        _require((scale * qmax <= FP16_MAX).all(), f"weight scales above {FP16_MAX / qmax:g} (dequantized "
+                                                    "weights beyond float16)")
+        if s.weight_format == "fp8":
+            _require(torch.isfinite(self.weight.float()).all(), "fp8 weight has NaN values")
+        zp = self.weight_zero_point
+        if zp is not None:
+            half = 2 ** (s.weight_bits - 1)
+            _require((torch.isfinite(zp) & (zp == zp.round()) & (zp >= -half) & (zp <= half - 1)).all(),
+                     f"weight zero points must be integers in [{-half}, {half - 1}]")
+        for name in ("input_scale", "smooth_scale"):
+            t = getattr(self, name)
+            if t is not None:
+                _require((torch.isfinite(t) & (t > 0)).all(), f"{name} must be finite and > 0")
+        if self.smooth_scale is not None:
+            _require((self.smooth_scale >= MIN_SMOOTH_SCALE).all(), f"smooth_scale below {MIN_SMOOTH_SCALE:g}")
+        if self.rotation_signs is not None:
+            _require((self.rotation_signs.abs() == 1).all(), "rotation_signs must all be +1 or -1")
+
     def forward(self, x: torch.Tensor, weight_bits: int | None = None) -> torch.Tensor:
         """``weight_bits`` below the stored width runs a :meth:`weight_view` of the weight."""
         s = self.scheme
         weight, weight_scale, bits = self.weight_view(weight_bits)
         x2 = x.reshape(-1, self.in_features)
         try:
+            if s.act_mode is None:  # quantized activations check on the way; weight-only must too
+                qz.check_finite(x2, "activation")
             y = kernels.quant_linear(
                 x2, weight=weight, weight_scale=weight_scale, weight_zero=self.weight_zero_point,
                 bias=self.bias, bits=bits, weight_format=s.weight_format, in_features=self.in_features,
@@ -422,8 +466,7 @@ class CodebookLinear(QuantModule):
                    act_mode=spec.get("act_mode"), dtype=dtype, device="meta")
 
     def check_state(self) -> None:
-        if not torch.isfinite(self.codebook).all():
-            raise ValueError("codebook has NaN/Inf entries")
+        _require(torch.isfinite(self.codebook).all(), "codebook has NaN/Inf entries")
 
     def effective_weight(self) -> torch.Tensor:
         from ..kernels import reference
@@ -438,6 +481,8 @@ class CodebookLinear(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         try:
+            if self.act_mode is None:  # quantized activations check on the way; weight-only must too
+                qz.check_finite(x2, "activation")
             y = kernels.codebook_linear(x2, indices=self.indices, codebook=self.codebook, bias=self.bias,
                                         bits=self.bits, in_features=self.in_features, act_mode=self.act_mode,
                                         act_bits=self.act_bits)

@@ -93,6 +93,11 @@ class QuantizationContext:
         set_submodule(self.model, name, module)
 
 
+# Where nn.Module keeps forward hooks: methods and quantized layer types install some on the root.
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
 def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationData | None = None, *,
              progress: bool = True, on_layer=None) -> QuantReport:
     """Quantize ``model``'s layers in place per ``config``; returns the per-layer report.
@@ -102,7 +107,8 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationData
     >>> print(report)
 
     ``on_layer(done, total, name)`` is called after each layer of each pass (progress bars; raising
-    from it aborts, leaving ``model`` partly quantized).
+    from it aborts). All or nothing: if the method fails or is interrupted, every replaced layer and
+    the model's hooks are put back, so ``model`` is as it was and can be quantized again.
     """
     if any(isinstance(m, QuantModule) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} is already quantized; quantize a fresh full-precision model")
@@ -117,7 +123,17 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationData
         if missing:
             raise ValueError(f"calibration has no statistics for layer(s) {missing[:3]}: it was recorded "
                              f"on a different model or layer selection")
-    with torch.no_grad():
-        method.apply(ctx)
+    originals = {name: model.get_submodule(name) for name in ctx.layers}
+    hooks = {attr: dict(getattr(model, attr)) for attr in _HOOK_DICTS}
+    try:
+        with torch.no_grad():
+            method.apply(ctx)
+    except BaseException:
+        for name, module in originals.items():
+            set_submodule(model, name, module)
+        for attr, saved in hooks.items():
+            getattr(model, attr).clear()
+            getattr(model, attr).update(saved)
+        raise
     mark_quantized(model, {"method": config.method, "recipe": config.to_dict(), "method_state": ctx.method_state})
     return ctx.report

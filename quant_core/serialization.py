@@ -14,14 +14,31 @@ Single-file format: the same tensors in one ``.safetensors`` whose header metada
 ``ditq.quantization_config`` and ``ditq.model_config`` as JSON strings.
 
 Writes go to a temporary name in the target folder and are renamed, so an interrupted or failed save
-leaves the previous file (or nothing) in place. Never unpickles.
+leaves the previous file (or nothing) in place; temporary files of killed saves are removed by the next
+save into that folder. Saved files get the usual permissions (0666 less the umask). Never unpickles.
+
+Integrity: every weights file ditq saves carries ``ditq.content_sha256`` in its header metadata, a
+SHA-256 over the tensors (names, dtypes, shapes, bytes) and the other metadata entries; a folder's
+``quantization_config.weights_sha256`` repeats it, so a folder whose config.json and weights come
+from different saves (a save killed between the two renames) is refused instead of loading wrong.
+Both are checked when present; files written before they existed (same format_version 1) load
+without them.
+
+Loader limits (a file from the Hub must not hang, exhaust memory or fail with an unexplained error):
+JSON is size- and depth-bounded before parsing; counts in the model config are bounded by what the
+file holds; the model is built on the meta device and every shape it implies is checked against the
+tensor index in the file header before anything is allocated; values are checked against the format's
+rules (``QuantModule.check_state``). Every failure is a :class:`CheckpointError` naming the file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,11 +46,20 @@ import torch
 from torch import nn
 
 from . import distributed as dist
-from .layers import LAYER_TYPES, QuantModule
+from .layers import FP16_MAX, LAYER_TYPES, QuantModule
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
+
+
+CONTENT_HASH_KEY = "ditq.content_sha256"
+WEIGHTS_HASH_KEY = "weights_sha256"
+MAX_JSON_BYTES = 64 << 20   # config.json / header JSON; real ones are kilobytes
+MAX_JSON_DEPTH = 64         # real configs nest 5 deep; Python's parser recurses per level
+MAX_CONFIG_INT = 1 << 24    # no dimension, size or count of a real DiT config comes near
+MAX_BUFFER_BYTES = 256 << 20  # computed (non-persistent) buffers beyond the file's own size
+STALE_TEMP_SECONDS = 24 * 3600
 
 
 class CheckpointError(ValueError):
@@ -45,22 +71,75 @@ class HubError(OSError):
 
 
 # -- low level -------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete temporary files ``.{name}.{pid}.*.tmp`` left by killed saves: those whose process is gone
+    (a save still running in another process keeps its file) or older than a day (pid reused)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        m = re.fullmatch(r"\..+\.(\d+)\.[^.]+\.tmp", tmp.name)
+        if m is None:
+            continue
+        try:
+            old = time.time() - tmp.stat().st_mtime > STALE_TEMP_SECONDS
+            if old or not _process_alive(int(m.group(1))):
+                tmp.unlink()
+        except OSError:
+            pass  # gone meanwhile, or not ours to delete
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=folder)
     except OSError as e:
         raise OSError(f"cannot write {path}: folder {folder} is not writable ({e.strerror})") from e
     os.close(fd)
+    remove_stale_temp_files(folder)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a saved model is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_writable(path) -> None:
+    """Raise OSError now if ``save_quantized(model, path)`` could not write there (run before a long
+    quantization); creates nothing."""
+    path = Path(path)
+    if path.suffix != ".safetensors" and path.exists() and not path.is_dir():
+        raise OSError(f"cannot save to {path}: it exists and is not a folder")
+    target = path.parent if path.suffix == ".safetensors" else path
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OSError(f"cannot write {path}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ditq-write-check.", dir=existing)
+    except OSError as e:
+        raise OSError(f"cannot write {path}: folder {existing} is not writable ({e.strerror})") from e
+    os.close(fd)
+    os.unlink(probe)
 
 
 @dist.main_only
@@ -81,19 +160,97 @@ def atomic_write_bytes(data: bytes, path) -> None:
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
 
-def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
+def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over the tensors (sorted names, dtypes, shapes, bytes) and the metadata entries other
+    than the hash itself: what ``ditq.content_sha256`` records."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in metadata if k != CONTENT_HASH_KEY):
+        h.update(json.dumps([key, metadata[key]]).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def save_hashed(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> str:
+    """``atomic_save_file`` with the content hash added to the header; returns the hash."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    digest = content_hash(tensors, metadata)
+    atomic_save_file(tensors, path, {**metadata, CONTENT_HASH_KEY: digest})
+    return digest
+
+
+def _safetensors_errors():
+    from safetensors import SafetensorError
+
+    return (SafetensorError, OSError, RuntimeError, ValueError, OverflowError)
+
+
+def _read(path, take) -> tuple[dict[str, str], Any]:
+    """``(header metadata, take(open file))`` with every failure a CheckpointError naming the file."""
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as e:
+            return f.metadata() or {}, take(f)
+    except _safetensors_errors() as e:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def read_header(path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, str]]:
+    """``({tensor name: (shape, dtype name)}, metadata)`` from a safetensors header, reading no data
+    (safetensors bounds the header and checks every tensor lies inside the file)."""
+    def index(f):
+        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+
+    meta, found = _read(path, index)
+    return found, meta
+
+
+def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the header metadata; the content hash is checked if the header has one."""
+    meta, tensors = _read(path, lambda f: {k: f.get_tensor(k) for k in f.keys()})
+    if CONTENT_HASH_KEY in meta and content_hash(tensors, meta) != meta[CONTENT_HASH_KEY]:
+        raise CheckpointError(f"{path}: content hash mismatch: the file was altered or corrupted after it was "
+                              f"saved ({CONTENT_HASH_KEY} in its header no longer matches its tensors)")
     return tensors, meta
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, walked without recursion."""
+    deepest, level = 0, [value] if isinstance(value, (dict, list)) else []
+    while level:  # breadth first, one level at a time
+        deepest += 1
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, (dict, list))]
+    return deepest
+
+
+def json_budget(tensor_count: int) -> int:
+    """Bytes of config JSON a checkpoint of ``tensor_count`` tensors can warrant: a layer's spec and its
+    config_groups entry take ~1 KB and every layer stores at least one tensor; 16 KB each is generous."""
+    return min(MAX_JSON_BYTES, (1 << 20) + (16 << 10) * tensor_count)
+
+
+def parse_json(text: str, source: str, what: str = "JSON", max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """``json.loads`` bounded in size and nesting depth. Python's parser recurses per level and raises
+    RecursionError past ~1000 levels (a file nested 100,000 deep); shallower nesting is measured after."""
+    if len(text) > max_bytes:
+        raise CheckpointError(f"{source}: {what} is {len(text)} bytes, more than the {max_bytes} its tensors "
+                              "warrant")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise CheckpointError(f"{source}: {what} nests deeper than the {MAX_JSON_DEPTH} levels allowed") from None
+    except ValueError as e:
+        raise CheckpointError(f"{source}: invalid {what} ({e})") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{source}: {what} nests {_depth(value)} levels deep, more than the "
+                              f"{MAX_JSON_DEPTH} allowed")
+    return value
 
 
 # -- describing a quantized model --------------------------------------------------------------
@@ -203,19 +360,28 @@ def save_quantized(model: nn.Module, path, *, model_config: dict[str, Any] | Non
             raise ValueError(f"cannot save {k}: tensor is on the meta device (model not fully loaded)")
     model_cfg = dict(model_config) if model_config is not None else _model_config(model)
     if path.suffix == ".safetensors":
-        atomic_save_file(tensors, path, {"ditq.quantization_config": json.dumps(qcfg),
-                                         "ditq.model_config": json.dumps(model_cfg, default=str)})
+        save_hashed(tensors, path, {"ditq.quantization_config": json.dumps(qcfg),
+                                    "ditq.model_config": json.dumps(model_cfg, default=str)})
         return path
     if path.exists() and not path.is_dir():
         raise OSError(f"cannot save to {path}: it exists and is not a folder")
-    atomic_save_file(tensors, path / WEIGHTS_NAME, {"format": "pt", "ditq_format_version": str(FORMAT_VERSION)})
-    model_cfg["quantization_config"] = qcfg
+    digest = save_hashed(tensors, path / WEIGHTS_NAME, {"format": "pt", "ditq_format_version": str(FORMAT_VERSION)})
+    # config.json is renamed into place last and names the weights it belongs to: a save killed
+    # between the two renames leaves a pair the loader refuses rather than new weights, old config
+    model_cfg["quantization_config"] = {**qcfg, WEIGHTS_HASH_KEY: digest}
     atomic_write_text(json.dumps(model_cfg, indent=2, sort_keys=True, default=str), path / CONFIG_NAME)
     return path
 
 
 # -- loading ---------------------------------------------------------------------------------
-def check_quantization_config(qcfg: Any, source: str) -> dict[str, Any]:
+_HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                  "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def check_quantization_config(qcfg: Any, source: str, max_layers: int | None = None) -> dict[str, Any]:
+    """Check the format fields and layer list; ``max_layers`` (the file's tensor count: every quantized
+    layer stores at least one) bounds the list before anything is built from it."""
     from .methods import load_all
 
     load_all()  # method modules register the layer types they introduce
@@ -230,12 +396,70 @@ def check_quantization_config(qcfg: Any, source: str) -> dict[str, Any]:
     layers = qcfg.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise CheckpointError(f"{source}: quantization_config lists no layers")
+    if max_layers is not None and len(layers) > max_layers:
+        raise CheckpointError(f"{source}: quantization_config lists {len(layers)} layers, but the file holds "
+                              f"only {max_layers} tensors")
     for name, spec in layers.items():
-        if not isinstance(spec, dict) or spec.get("layer_type") not in LAYER_TYPES:
+        if not isinstance(spec, dict) or not isinstance(spec.get("layer_type"), str) \
+                or spec["layer_type"] not in LAYER_TYPES:
             raise CheckpointError(f"{source}: layer {name!r} has unknown layer_type "
                                   f"{spec.get('layer_type') if isinstance(spec, dict) else spec!r}; "
                                   f"known: {sorted(LAYER_TYPES)}")
     return qcfg
+
+
+def check_model_config(model_cfg: Any, source: str, tensor_names) -> dict[str, Any]:
+    """Bound what the stored model config can ask to build, before building it: no integer beyond
+    ``MAX_CONFIG_INT``, no non-finite float, and no count of repeated blocks (``*layers``, ``*blocks``,
+    ``depth``) above the largest block index the file's tensor names hold."""
+    if not isinstance(model_cfg, dict):
+        raise CheckpointError(f"{source}: model_config is a {type(model_cfg).__name__}, expected an object")
+    blocks = 1 + max((int(p) for n in tensor_names for p in n.split(".") if p.isdigit() and len(p) < 9), default=0)
+    for key, value in model_cfg.items():
+        if key == "quantization_config":
+            continue
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if len(items) > 4096:
+            raise CheckpointError(f"{source}: model_config[{key!r}] has {len(items)} entries")
+        for v in items:
+            if isinstance(v, bool):
+                continue
+            if isinstance(v, int) and abs(v) > MAX_CONFIG_INT:
+                raise CheckpointError(f"{source}: model_config[{key!r}] = {v} is beyond any real model "
+                                      f"(limit {MAX_CONFIG_INT})")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise CheckpointError(f"{source}: model_config[{key!r}] = {v} is not finite")
+        if (re.search(r"(layers|blocks|depth)$", key) and isinstance(value, int) and not isinstance(value, bool)
+                and value > blocks):
+            raise CheckpointError(f"{source}: model_config[{key!r}] = {value}, but the file's tensors hold at "
+                                  f"most {blocks} repeated blocks")
+    return model_cfg
+
+
+def _check_index(expected: dict[str, torch.Tensor], index: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 fixed: set[str], source: str) -> None:
+    """Names, shapes and dtypes of a checkpoint's tensors against a model's state dict (the model may
+    be on the meta device: nothing is allocated)."""
+    missing = sorted(set(expected) - set(index))
+    unexpected = sorted(set(index) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    for key, ref in expected.items():
+        shape, dtype = index[key]
+        if tuple(shape) != tuple(ref.shape):
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(shape)}, expected {tuple(ref.shape)}")
+        if key in fixed:
+            if dtype != ref.dtype:
+                raise CheckpointError(f"{source}: tensor {key!r} has dtype {dtype}, expected {ref.dtype}")
+        elif dtype.is_floating_point != ref.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {key!r} has dtype {dtype}, expected a {ref.dtype}-like tensor")
+
+
+def _fixed_dtype_keys(model: nn.Module) -> set[str]:
+    every = {n: m for n, m in model.named_modules() if isinstance(m, QuantModule)}  # nested ones too
+    return {f"{n}.{b}" for n, m in every.items() for b in m._fixed_dtype}
 
 
 def prepare_quantized_modules(model: nn.Module, qcfg: dict[str, Any], source: str,
@@ -253,9 +477,11 @@ def prepare_quantized_modules(model: nn.Module, qcfg: dict[str, Any], source: st
             raise CheckpointError(f"{source}: layer {name!r} does not exist in {type(model).__name__}") from None
         try:
             mod = LAYER_TYPES[spec["layer_type"]].from_spec(spec, dtype=dtype)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{source}: layer {name!r} has an invalid spec: {e}") from e
-        mod.layer_name = name
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError, RuntimeError) as e:
+            raise CheckpointError(f"{source}: layer {name!r} has an invalid spec: {type(e).__name__}: {e}") from e
+        for sub, m in mod.named_modules():  # nested variants keep their names for error messages
+            if isinstance(m, QuantModule):
+                m.layer_name = f"{name}.{sub}" if sub else name
         set_submodule(model, name, mod)
     for layer_type in {spec["layer_type"] for spec in qcfg["layers"].values()}:
         LAYER_TYPES[layer_type].attach(model)
@@ -275,78 +501,150 @@ def stored_dtype(qcfg: dict[str, Any]) -> torch.dtype | None:
 
 def load_quantized_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str,
                          torch_dtype: torch.dtype | None = None, keep_fp32: Sequence[str] = ()) -> nn.Module:
-    """Validate ``tensors`` against ``model``'s expected keys, shapes and dtypes, then assign them.
+    """Validate ``tensors`` against ``model``'s expected keys, shapes and dtypes, and their values
+    against the format's rules, then assign them.
 
     Quantized buffers keep their stored dtype; other floating tensors are cast to ``torch_dtype``,
     except those of modules named in ``keep_fp32`` (diffusers' ``_keep_in_fp32_modules``: a name
     matches as a dotted component, as diffusers matches it), which load as float32.
     """
     expected = model.state_dict(keep_vars=True)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing:
-        raise CheckpointError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    every = {n: m for n, m in model.named_modules() if isinstance(m, QuantModule)}  # nested ones too
-    fixed = {f"{n}.{b}" for n, m in every.items() for b in m._fixed_dtype}
+    fixed = _fixed_dtype_keys(model)
+    _check_index(expected, {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}, fixed, source)
+    stored = {t.dtype for k, t in tensors.items()
+              if t.is_floating_point() and k not in fixed and not any(m in k.split(".") for m in keep_fp32)}
+    if torch_dtype is None and len(stored) > 1:  # a save holds one compute dtype; mixed ones cannot run
+        raise CheckpointError(f"{source}: full-precision tensors mix dtypes {sorted(map(str, stored))}")
     loaded = {}
-    for key, ref in expected.items():
+    for key in expected:
         t = tensors[key]
-        if tuple(t.shape) != tuple(ref.shape):
-            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
-        if key in fixed:
-            if t.dtype != ref.dtype:
-                raise CheckpointError(f"{source}: tensor {key!r} has dtype {t.dtype}, expected {ref.dtype}")
-        elif t.is_floating_point() and any(m in key.split(".") for m in keep_fp32):
-            t = t.to(torch.float32)
-        elif t.is_floating_point() and torch_dtype is not None:
-            t = t.to(torch_dtype)
-        elif t.is_floating_point() != ref.is_floating_point():
-            raise CheckpointError(f"{source}: tensor {key!r} has dtype {t.dtype}, expected a {ref.dtype}-like tensor")
+        if t.is_floating_point() and key not in fixed:
+            if not torch.isfinite(t).all():
+                raise CheckpointError(f"{source}: tensor {key!r} has NaN/Inf values")
+            if t.numel() and t.abs().max() > FP16_MAX:
+                raise CheckpointError(f"{source}: tensor {key!r} has values beyond +-{FP16_MAX:g}; a DiT's "
+                                      "weights fit float16, the compute dtype it is run in")
+            if any(m in key.split(".") for m in keep_fp32):
+                t = t.to(torch.float32)
+            elif torch_dtype is not None:
+                t = t.to(torch_dtype)
         loaded[key] = t.clone()  # own, aligned memory: a view into the file's buffer can change float results
     model.load_state_dict(loaded, strict=True, assign=True)
-    for name, mod in every.items():
-        scale = getattr(mod, "weight_scale", None)
-        if scale is not None and not torch.isfinite(scale).all():
-            raise CheckpointError(f"{source}: layer {name!r} has non-finite weight scales")
-        try:
-            mod.check_state()
-        except ValueError as e:
-            raise CheckpointError(f"{source}: layer {name!r}: {e}") from None
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantModule):
+            try:
+                mod.check_state()
+            except ValueError as e:
+                raise CheckpointError(f"{source}: layer {name!r}: {e}") from None
     return model
 
 
 def read_single_file(path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Tensors, checked quantization config and model config of a single-file checkpoint."""
-    tensors, meta = read_safetensors(path)
-    try:
-        qcfg = json.loads(meta["ditq.quantization_config"])
-        model_cfg = json.loads(meta["ditq.model_config"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: header lacks a valid ditq quantization config ({e}); "
-                              f"not a ditq single-file checkpoint") from None
-    return tensors, check_quantization_config(qcfg, str(path)), model_cfg
+    index, meta = read_header(path)
+    qcfg, model_cfg = _single_file_configs(path, meta, index)
+    tensors, _ = read_safetensors(path)
+    return tensors, qcfg, model_cfg
 
 
-def _diffusers_class(name: str):
+def _single_file_configs(path, meta: dict[str, str], index) -> tuple[dict[str, Any], dict[str, Any]]:
+    if "ditq.quantization_config" not in meta or "ditq.model_config" not in meta:
+        raise CheckpointError(f"{path}: header lacks a ditq quantization config; not a ditq single-file checkpoint")
+    budget = json_budget(len(index))
+    qcfg = parse_json(meta["ditq.quantization_config"], str(path), "ditq.quantization_config", budget)
+    model_cfg = parse_json(meta["ditq.model_config"], str(path), "ditq.model_config", budget)
+    check_quantization_config(qcfg, str(path), max_layers=len(index))
+    return qcfg, check_model_config(model_cfg, str(path), index)
+
+
+def _diffusers_class(name: Any, source: str):
     import diffusers
 
-    cls = getattr(diffusers, name, None)
-    if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.ModelMixin):
-        raise CheckpointError(f"model class {name!r} is not a diffusers model class; ditq never runs remote code")
+    try:
+        cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    except Exception:  # noqa: BLE001 - a lazy diffusers attribute whose import fails is no model class either
+        cls = None
+    if (cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.ModelMixin)
+            or cls is diffusers.ModelMixin):
+        raise CheckpointError(f"{source}: model class {name!r} is not a diffusers model class; ditq never runs "
+                              "remote code")
     return cls
 
 
-def build_empty_model(model_config: dict[str, Any], source: str) -> nn.Module:
-    """Instantiate the model skeleton without allocating its parameters (buffers are real, so
-    non-persistent ones such as positional embeddings get their values)."""
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    kinds = (int, str, (list, tuple))
+    return next((isinstance(value, k) for k in kinds if isinstance(default, k)), True)
+
+
+def _check_config_types(cfg: dict[str, Any], cls: type, source: str) -> None:
+    """Each stored value of a constructor argument must be of its default's kind (a string ``norm_eps``
+    would build and then fail in the first forward); arguments defaulting to None take scalars."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in cfg.items():
+        if key not in params or params[key].default is inspect.Parameter.empty:
+            continue
+        default = params[key].default
+        ok = (value is None or isinstance(value, (bool, int, float, str))) if default is None else \
+            _same_kind(value, default)
+        if ok and isinstance(default, float) and default > 0 and not value > 0:  # epsilons, scales
+            raise CheckpointError(f"{source}: model_config[{key!r}] = {value!r} must be > 0 (default {default!r})")
+        if not ok:
+            raise CheckpointError(f"{source}: model_config[{key!r}] = {value!r} is not of the kind "
+                                  f"{cls.__name__} takes ({type(default).__name__}, like its default {default!r})")
+
+
+def build_empty_model(model_config: dict[str, Any], source: str, *, meta: bool = False) -> nn.Module:
+    """Instantiate the model skeleton without allocating its parameters. With ``meta`` everything is
+    on the meta device (shapes only); otherwise buffers are real, so non-persistent ones such as
+    positional embeddings get their values. Any failure of the model's constructor on the stored
+    config is a CheckpointError."""
     from accelerate import init_empty_weights
 
     cfg = {k: v for k, v in model_config.items() if k != "quantization_config"}
-    cls = _diffusers_class(cfg.get("_class_name", "?"))
-    with init_empty_weights():
-        return cls.from_config(cfg)
+    cls = _diffusers_class(cfg.get("_class_name", "?"), source)
+    _check_config_types(cfg, cls, source)
+    try:
+        with torch.device("meta") if meta else init_empty_weights():
+            return cls.from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - the constructor's own errors on a hostile config
+        raise CheckpointError(f"{source}: the stored model config does not build a {cls.__name__}: "
+                              f"{type(e).__name__}: {e}") from None
+
+
+def check_computed_buffers(model: nn.Module, source: str) -> None:
+    """Buffers the constructor computed from the config (positional tables) must be finite: a config
+    value such as ``interpolation_scale = 0`` builds a model whose every output is NaN."""
+    stored = {id(t) for t in model.state_dict(keep_vars=True).values()}
+    for name, buf in model.named_buffers():
+        if id(buf) not in stored and buf.is_floating_point() and not torch.isfinite(buf).all():
+            raise CheckpointError(f"{source}: the stored model config makes buffer {name!r} non-finite")
+
+
+def plan_model(model_cfg: dict[str, Any], qcfg: dict[str, Any], index: dict[str, tuple[tuple[int, ...], str]],
+               file_bytes: int, source: str) -> None:
+    """Build the model on the meta device and check every shape and dtype it implies against the
+    file's tensor index, and the buffers its constructor computes against the file's size, before
+    anything is allocated."""
+    skeleton = build_empty_model(model_cfg, source, meta=True)
+    prepare_quantized_modules(skeleton, qcfg, source)
+    dtypes = {}
+    for k, (shape, name) in index.items():
+        if name not in _HEADER_DTYPES:
+            raise CheckpointError(f"{source}: tensor {k!r} has unsupported dtype {name}")
+        dtypes[k] = (shape, _HEADER_DTYPES[name])
+    expected = skeleton.state_dict(keep_vars=True)
+    _check_index(expected, dtypes, _fixed_dtype_keys(skeleton), source)
+    stored = {id(t) for t in expected.values()}
+    computed = sum(b.numel() * b.element_size() for b in skeleton.buffers() if id(b) not in stored)
+    if computed > file_bytes + MAX_BUFFER_BYTES:
+        raise CheckpointError(f"{source}: the stored model config implies {computed / 2**20:.0f} MiB of computed "
+                              f"buffers (positional tables) for a {file_bytes / 2**20:.0f} MiB file")
 
 
 _REPO_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")
@@ -411,25 +709,63 @@ def load_quantized(path_or_repo, torch_dtype: torch.dtype | None = None, *, subf
     if p.suffix == ".safetensors":
         if not p.exists():
             raise local_path_missing(str(p))
-        tensors, qcfg, model_cfg = read_single_file(p)
-        source = str(p)
+        weights = source = str(p)
+        index, meta = read_header(p)
+        qcfg, model_cfg = _single_file_configs(p, meta, index)
+        plan_model(model_cfg, qcfg, index, p.stat().st_size, source)
     else:
         folder = _resolve_folder(str(path_or_repo), subfolder=subfolder, revision=revision,
                                  cache_dir=cache_dir, local_files_only=local_files_only)
-        cfg_path = folder / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{folder}: missing {CONFIG_NAME}")
-        try:
-            model_cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
-        qcfg = model_cfg.get("quantization_config")
-        source = str(folder / WEIGHTS_NAME)
-        tensors, _ = read_safetensors(folder / WEIGHTS_NAME)
-    check_quantization_config(qcfg, source)
+        weights = source = str(folder / WEIGHTS_NAME)
+        model_cfg, qcfg = check_folder(folder)
+    tensors, _ = read_safetensors(weights)
     model = build_empty_model(model_cfg, source)
+    check_computed_buffers(model, source)
     dtype = torch_dtype or stored_dtype(qcfg)  # None: files from before ditq recorded it keep their dtypes
     prepare_quantized_modules(model, qcfg, source, dtype=dtype or torch.float32, mark=False)
     load_quantized_state(model, tensors, source, dtype, keep_fp32=getattr(model, "_keep_in_fp32_modules", None) or ())
     mark_quantized(model, model.ditq_state)
     return model.to(device).eval()
+
+
+def check_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Everything about a ditq folder that can be checked before allocating: header, config bounds,
+    the weights hash, and the meta-device plan against the tensor index. Returns (model config,
+    quantization config). Loaders that build the model themselves (diffusers) call it first."""
+    folder = Path(folder)
+    weights = source = str(folder / WEIGHTS_NAME)
+    if not (folder / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{folder}: missing {CONFIG_NAME}")
+    index, meta = read_header(weights)
+    model_cfg, qcfg = read_folder_config(folder, json_budget(len(index)))
+    check_quantization_config(qcfg, source, max_layers=len(index))
+    check_model_config(model_cfg, str(folder / CONFIG_NAME), index)
+    _check_weights_hash(qcfg, meta, folder)
+    plan_model(model_cfg, qcfg, index, Path(weights).stat().st_size, source)
+    return model_cfg, qcfg
+
+
+def read_folder_config(folder: Path, max_bytes: int = MAX_JSON_BYTES) -> tuple[dict[str, Any], Any]:
+    """A folder's config.json (size- and depth-bounded) and the quantization_config in it."""
+    cfg_path = Path(folder) / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{folder}: missing {CONFIG_NAME}")
+    if cfg_path.stat().st_size > max_bytes:
+        raise CheckpointError(f"{cfg_path}: {cfg_path.stat().st_size} bytes, more than the {max_bytes} its "
+                              "tensors warrant")
+    try:
+        text = cfg_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: unreadable ({e})") from None
+    model_cfg = parse_json(text, str(cfg_path), max_bytes=max_bytes)
+    if not isinstance(model_cfg, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object, got {type(model_cfg).__name__}")
+    return model_cfg, model_cfg.get("quantization_config")
+
+
+def _check_weights_hash(qcfg: dict[str, Any], meta: dict[str, str], folder: Path) -> None:
+    recorded = qcfg.get(WEIGHTS_HASH_KEY)
+    if recorded is not None and recorded != meta.get(CONTENT_HASH_KEY):
+        raise CheckpointError(f"{folder}: {CONFIG_NAME} and {WEIGHTS_NAME} come from different saves (a save "
+                              f"interrupted between them?): config.json records weights {str(recorded)[:12]}..., "
+                              f"the weights file is {str(meta.get(CONTENT_HASH_KEY))[:12]}...")

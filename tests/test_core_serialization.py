@@ -85,27 +85,32 @@ def test_truncated_file(tmp_path, quantized_w4):
         load_quantized(tmp_path / "q")
 
 
-def test_wrong_shape_names_the_tensor(tmp_path, quantized_w4):
-    from safetensors.torch import load_file, save_file
+def _resave(folder, edit):
+    """Rewrite a saved folder's weights through ``edit(tensors)`` as a consistent save would (hash in
+    the header and in config.json), so the checks after the hashes are what must catch the edit."""
+    from ditq.quant_core.serialization import WEIGHTS_HASH_KEY, read_safetensors, save_hashed
 
+    f = folder / WEIGHTS_NAME
+    tensors, meta = read_safetensors(f)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    edit(tensors)
+    digest = save_hashed(tensors, f, {k: v for k, v in meta.items() if not k.startswith("ditq.content")})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"][WEIGHTS_HASH_KEY] = digest
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_wrong_shape_names_the_tensor(tmp_path, quantized_w4):
     save_quantized(quantized_w4, tmp_path / "q")
-    f = tmp_path / "q" / WEIGHTS_NAME
-    sd = load_file(str(f))
     key = "transformer_blocks.1.ff.net.2.weight_scale"
-    sd[key] = sd[key][:-1].contiguous()
-    save_file(sd, str(f))
+    _resave(tmp_path / "q", lambda sd: sd.update({key: sd[key][:-1].contiguous()}))
     with pytest.raises(CheckpointError, match=rf"'{key}' has shape \(255, 1\), expected \(256, 1\)"):
         load_quantized(tmp_path / "q")
 
 
 def test_missing_and_unexpected_tensors(tmp_path, quantized_w4):
-    from safetensors.torch import load_file, save_file
-
     save_quantized(quantized_w4, tmp_path / "q")
-    f = tmp_path / "q" / WEIGHTS_NAME
-    sd = load_file(str(f))
-    sd.pop("transformer_blocks.0.attn1.to_k.weight")
-    save_file(sd, str(f))
+    _resave(tmp_path / "q", lambda sd: sd.pop("transformer_blocks.0.attn1.to_k.weight"))
     with pytest.raises(CheckpointError, match="missing tensor.*attn1.to_k.weight"):
         load_quantized(tmp_path / "q")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..layers import MIN_SMOOTH_SCALE
+
 ACT_FLOOR = 1e-3   # ViDiT-Q clamps tiny channel maxima to 1e-3 so dead channels do not blow up s
 WEIGHT_FLOOR = 1e-5
 
@@ -32,4 +34,4 @@ def smoothing_scale(act_max: torch.Tensor, weight: torch.Tensor, alpha: float) -
         raise ValueError(f"activation maxima have {act_max.shape[-1]} channels, weight has {weight.shape[1]}")
     w = weight.detach().float().abs().amax(dim=0).clamp_min(WEIGHT_FLOOR)
     a = act_max.float().clamp_min(ACT_FLOOR)
-    return (a.pow(alpha) / w.pow(1.0 - alpha)).clamp_min(1e-8)
+    return (a.pow(alpha) / w.pow(1.0 - alpha)).clamp_min(MIN_SMOOTH_SCALE)
