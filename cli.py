@@ -26,7 +26,8 @@ def _quantize(args) -> int:
     from .quant_core.quantize import quantize
     from .quant_core.serialization import save_quantized
 
-    cfg = QuantConfig.from_json(Path(args.config).read_text()) if args.config else QuantConfig.preset(args.preset)
+    cfg = (QuantConfig.from_json(Path(args.config).read_text()) if args.config
+           else QuantConfig.preset(args.preset, small=args.small))
     pipe, call = load_pipeline(args.model, getattr(torch, args.dtype))
     pipe.set_progress_bar_config(disable=True)
     needs = calibration_needs(cfg)
@@ -34,7 +35,8 @@ def _quantize(args) -> int:
     if needs:
         extra = {k: v for k, v in call.items() if k != "num_inference_steps"}
         calib = calibrate(pipe, load_prompts("calibration")[: args.calib_prompts],
-                          num_inference_steps=args.steps or call["num_inference_steps"], needs=needs, **extra)
+                          num_inference_steps=args.steps or call["num_inference_steps"], config=cfg,
+                          workdir=args.workdir, **extra)
     report = quantize(pipe.transformer, cfg, calib)
     print(report)
     print(f"saved to {save_quantized(pipe.transformer, args.out)}")
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--calib-prompts", type=int, default=8)
     q.add_argument("--steps", type=int)
     q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    q.add_argument("--small", action="store_true",
+                   help="the preset's documented small settings (slow presets: seconds, for smoke tests)")
+    q.add_argument("--workdir", help="resumable work files of searched presets (qua2sedimo-*)")
     q.set_defaults(fn=_quantize)
     i = sub.add_parser("info", help="describe a quantized checkpoint")
     i.add_argument("path")

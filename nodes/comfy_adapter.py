@@ -57,6 +57,21 @@ def folder_files(key: str) -> list[str]:
     return folder_paths.get_filename_list(key)
 
 
+def checkpoint_files() -> list[str]:
+    """Files in models/ditq that are ditq checkpoints: calibrations (models/ditq/calibration, or any
+    file whose header says so) and foreign files are left out. Only headers are read."""
+    from safetensors import safe_open
+
+    def is_checkpoint(name: str) -> bool:
+        try:
+            with safe_open(full_path(FOLDER, name), framework="pt") as f:
+                return "ditq.quantization_config" in (f.metadata() or {})
+        except Exception:  # unreadable or not safetensors: not offered (Load would fail on it)
+            return False
+
+    return [n for n in folder_files(FOLDER) if is_checkpoint(n)]
+
+
 def full_path(key: str, name: str) -> str:
     import folder_paths
 
@@ -75,17 +90,27 @@ def output_path(key: str, name: str) -> Path:
 
 # -- progress and interrupts ----------------------------------------------------------------------
 def progress_callback(total: int) -> Callable[[int, int], None]:
-    """``cb(done, total)``: advance a ComfyUI progress bar and honour the Cancel button."""
+    """``cb(done, total)``: advance a ComfyUI progress bar and honour the Cancel button. The bar is
+    shown at 0 at once, so the user sees the node working before the first unit ends."""
     import comfy.model_management as mm
     import comfy.utils
 
     bar = comfy.utils.ProgressBar(total)
+    bar.update_absolute(0, total)
 
     def cb(done: int, new_total: int | None = None) -> None:
         mm.throw_exception_if_processing_interrupted()
         bar.update_absolute(done, new_total)
 
     return cb
+
+
+def core_progress(total: int = 1):
+    """``on_progress(stage, done, total)`` for the core's long loops (GPTQ columns, k-means
+    iterations, optimisation steps): checks Cancel on every call, moves the bar (the stage's own
+    units; ComfyUI shows one bar per node)."""
+    cb = progress_callback(total)
+    return lambda stage, done, stage_total: cb(done, max(stage_total, 1))
 
 
 # -- reading a patcher ---------------------------------------------------------------------------
@@ -158,18 +183,33 @@ def _new_patcher(base, like=None):
     return patcher
 
 
+def own_weights(patcher) -> dict[str, torch.Tensor]:
+    """The diffusion model's own weights. ComfyUI patches weights (LoRA) in place when it samples and
+    leaves them applied until another patcher loads the shared model, keeping the originals in
+    ``patcher.backup`` (one dict shared by all clones, keyed like ``model.state_dict()``): where a
+    backup exists, it holds the model's own weight and the live tensor is someone's patched copy."""
+    tensors = diffusion_model(patcher).state_dict()
+    prefix = "diffusion_model."
+    for key, saved in (getattr(patcher, "backup", None) or {}).items():
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        if name in tensors:
+            live = tensors[name]
+            tensors[name] = getattr(saved, "weight", saved).to(device=live.device, dtype=live.dtype)
+    return tensors
+
+
 def quantize_patcher(src, config: QuantConfig, calibration: CalibrationData | None = None,
-                     on_layer: Callable[[int, int, str], None] | None = None):
-    """A fresh ModelPatcher holding a quantized copy of ``src``'s diffusion model; ``src`` is not
-    touched. Returns ``(patcher, report)``."""
+                     on_layer: Callable[[int, int, str], None] | None = None, on_progress=None):
+    """A fresh ModelPatcher holding a quantized copy of ``src``'s diffusion model (its own weights,
+    whatever patches an earlier prompt left applied); ``src`` is not touched. Returns ``(patcher, report)``."""
     _check_plain(src, "Quantize DiT")
-    dm = diffusion_model(src)
-    tensors = dm.state_dict()
+    tensors = own_weights(src)
     base = _empty_base_model(src.model.model_config, tensors)
     # assign=True shares the source's storage: no second FP copy. Quantized layers get new
     # buffers; the few kept FP tensors are cloned afterwards so the models stay independent.
     base.diffusion_model.load_state_dict(tensors, strict=True, assign=True)
-    report = quantize(base.diffusion_model, config, calibration, progress=False, on_layer=on_layer)
+    report = quantize(base.diffusion_model, config, calibration, progress=False, on_layer=on_layer,
+                      on_progress=on_progress)
     shared = {t.untyped_storage().data_ptr() for t in tensors.values()}
     for mod in base.diffusion_model.modules():
         for store in (mod._parameters, mod._buffers):
@@ -287,6 +327,9 @@ class _ComfyQuantMixin:
 
     comfy_cast_weights = False
 
+    def _device(self) -> torch.device:
+        return next(iter([*self.parameters(recurse=False), *self.buffers(recurse=False)])).device
+
     def convert_weight(self, weight, inplace=False, **kwargs):
         return self.effective_weight().to(device=weight.device)
 
@@ -299,45 +342,56 @@ class _ComfyQuantMixin:
             return q
         self.weight = nn.Parameter(q, requires_grad=False)
 
-    def forward(self, x):
+    def forward(self, x, **kwargs):  # kwargs: weight_bits of a timestep-switch variant
         wf, bf = getattr(self, "weight_function", []), getattr(self, "bias_function", [])
         if wf or bf:
-            w = self.effective_weight().to(x.device)
+            bits = kwargs.get("weight_bits")
+            w = (self.effective_weight(bits) if bits else self.effective_weight()).to(x.device)
             for f in wf:
                 w = f(w)
             b = self.bias.to(x.device) if self.bias is not None else None
             for f in bf:
                 b = f(b)
             return nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
-        if self.weight.device != x.device:
+        if self._device() != x.device:
             moved = {n: t.to(x.device, non_blocking=True) for n, t in
                      list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False))}
-            return torch.func.functional_call(self, moved, (x,))
-        return super().forward(x)
+            return torch.func.functional_call(self, moved, (x,), kwargs)
+        return super().forward(x, **kwargs)
 
 
 _ADOPTED: dict[type, type] = {}
 
 
 def adopt_for_comfy(model: nn.Module) -> None:
-    """Give every ditq layer of ``model`` the ModelPatcher contract (see _ComfyQuantMixin)."""
+    """Give every ditq layer of ``model`` the ModelPatcher contract (see _ComfyQuantMixin). A layer
+    that only holds other ditq layers (a timestep switch) is left as it is: its variants are adopted.
+    Layers without a ``weight`` tensor (codebooks + indices) get offloading and lowvram patches but
+    no ``.weight`` for full-load LoRA (set_weight refuses them)."""
     for mod in model.modules():
         if not isinstance(mod, QuantModule) or isinstance(mod, _ComfyQuantMixin):
+            continue
+        if not any(t is not None for t in [*mod._buffers.values(), *mod._parameters.values()]):
             continue
         cls = type(mod)
         if cls not in _ADOPTED:
             _ADOPTED[cls] = type(f"Comfy{cls.__name__}", (_ComfyQuantMixin, cls), {})
         mod.__class__ = _ADOPTED[cls]
-        w = mod._buffers.pop("weight")
-        mod.weight = nn.Parameter(w, requires_grad=False)
+        if "weight" in mod._buffers:
+            mod.weight = nn.Parameter(mod._buffers.pop("weight"), requires_grad=False)
         mod.weight_function, mod.bias_function = [], []
 
 
 # -- calibration through ComfyUI's sampler -------------------------------------------------------
+# Arguments ComfyUI passes the diffusion model that are per-call bookkeeping, not model inputs (lists of
+# UUIDs, patch callbacks, ControlNet): a replayed call (VQ4DiT) runs without them, as a plain forward.
+SAMPLER_ONLY_ARGS = ("transformer_options", "control")
+
+
 def calibrate_patcher(patcher, *, positive, negative, latent: dict, seed: int, steps: int, cfg: float,
                       sampler_name: str, scheduler: str, needs, on_step=None) -> CalibrationData:
     """Sample once with ComfyUI's own sampler while the recorder's hooks sit on the diffusion model;
-    the same statistics ditq.calibrate gathers from a diffusers pipeline."""
+    the same statistics (and model inputs) ditq.calibrate gathers from a diffusers pipeline."""
     import comfy.sample
 
     _check_plain(patcher, "Calibrate DiT")
@@ -345,7 +399,7 @@ def calibrate_patcher(patcher, *, positive, negative, latent: dict, seed: int, s
     layers = list(select_layers(dm))
     x = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
     noise = comfy.sample.prepare_noise(x, seed)
-    rec = CalibrationRecorder(dm, layers, needs, on_step=on_step)
+    rec = CalibrationRecorder(dm, layers, needs, on_step=on_step, skip_inputs=SAMPLER_ONLY_ARGS)
     with rec, torch.no_grad():
         rec.new_run()
         comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, x,

@@ -12,6 +12,7 @@ from .layers import QuantModule
 from .metrics import sqnr
 from .methods import get_method
 from .models import LayerInfo, select_layers, set_submodule
+from .progress import ProgressHook, reporting, report
 
 
 @dataclass
@@ -78,6 +79,7 @@ class QuantizationContext:
 
         items = list(self.layers.items())
         for i, item in enumerate(tqdm(items, desc=desc, disable=not self.progress, leave=False)):
+            report(desc, i, len(items))
             yield item
             if self.on_layer is not None:  # GUIs: progress and a chance to interrupt between layers
                 self.on_layer(i + 1, len(items), item[0])
@@ -93,30 +95,34 @@ class QuantizationContext:
 
 
 def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationData | None = None, *,
-             progress: bool = True, on_layer=None) -> QuantReport:
+             progress: bool = True, on_layer=None, on_progress: ProgressHook | None = None) -> QuantReport:
     """Quantize ``model``'s layers in place per ``config``; returns the per-layer report.
 
     >>> calib = calibrate(pipe, prompts)
     >>> report = quantize(pipe.transformer, QuantConfig.preset("rtn-w8a8"), calib)
     >>> print(report)
 
-    ``on_layer(done, total, name)`` is called after each layer of each pass (progress bars; raising
-    from it aborts, leaving ``model`` partly quantized).
+    ``on_layer(done, total, name)`` is called after each layer of each pass; ``on_progress(stage, done,
+    total)`` also from inside long loops (GPTQ columns, k-means iterations, optimisation steps), so a
+    GUI can show progress and stop the work by raising from it (``model`` is then left partly
+    quantized; resumable methods keep their work files).
     """
     if any(isinstance(m, QuantModule) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} is already quantized; quantize a fresh full-precision model")
     method = get_method(config.method)
     needs = method.needs(config)
-    if needs and calibration is None:
-        raise ValueError(f"method {config.method!r} ({config.name or 'custom config'}) needs calibration "
-                         f"statistics {list(needs)}: run ditq.calibrate(pipe, prompts) first")
+    lacking = list(needs) if calibration is None else calibration.missing(needs, config.method)
+    if lacking:
+        raise ValueError(f"method {config.method!r} ({config.name or 'custom config'}) needs {lacking} from "
+                         f"calibration{'' if calibration is None else ', which this calibration lacks'}: run "
+                         f"calib = ditq.calibrate(pipe, prompts, config=cfg) with this config first")
     ctx = QuantizationContext(model, select_layers(model, config), config, calibration, progress, on_layer)
     if calibration is not None and any(n in STATISTICS for n in needs):  # per-layer statistics
         missing = [n for n in ctx.layers if n not in calibration.stats]
         if missing:
             raise ValueError(f"calibration has no statistics for layer(s) {missing[:3]}: it was recorded "
                              f"on a different model or layer selection")
-    with torch.no_grad():
+    with torch.no_grad(), reporting(on_progress):
         method.apply(ctx)
     model.ditq_state = {"method": config.method, "recipe": config.to_dict(), "method_state": ctx.method_state}
     return ctx.report

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..progress import report
+
 Genome = tuple[int, ...]
 STATE_VERSION = 1
 
@@ -170,7 +172,8 @@ class _Search:
                    desc="evolutionary search", disable=not self.progress)
         try:
             while self.generation < s.generations:
-                for g in self.population:
+                for i, g in enumerate(self.population):
+                    report("evolutionary search", self.generation * s.population + i, s.generations * s.population)
                     if deadline is not None and time.monotonic() > deadline:
                         finished = False
                         break

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ...config import LayerScheme
+from ...progress import report
 from ...layers import LAYER_TYPES, CodebookLinear, QuantLinear, QuantModule
 from ...quantizers import check_finite, dequantize, int_range, quantize
 
@@ -179,10 +180,11 @@ class OptionBank:
               progress: bool = True) -> "OptionBank":
         from tqdm.auto import tqdm
 
-        entries, numel = {}, {}
-        for name in tqdm(list(layers), desc="qua2sedimo options", disable=not progress, leave=False):
+        entries, numel, layers = {}, {}, list(layers)
+        for name in tqdm(layers, desc="qua2sedimo options", disable=not progress, leave=False):
             linear = model.get_submodule(name)
             numel[name] = linear.weight.numel()
+            report("qua2sedimo options", len(entries), len(layers))
             row = {}
             for opt in options:
                 mod = build_option(linear, opt, name=name, act_bits=act_bits)

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ...progress import report
 from . import gnn
 from .graph import OP_TYPES, LayerGraph, Subgraph
 from .options import METHODS, Option, OptionBank
@@ -150,18 +151,22 @@ def fingerprint(bank: OptionBank, settings: dict) -> str:
 
 
 def label_configs(bank: OptionBank, labeller: Callable[[OptionBank, Assignment], float], store: LabelStore, indices: Sequence[int], *,
-                  seed: int = 0, progress: bool = True) -> dict[int, dict]:
+                  seed: int = 0, progress: bool = True, deadline: float | None = None) -> dict[int, dict]:
     """Label random configurations ``indices`` (skipping those in ``store``). Workers can split the
-    indices (e.g. ``range(k, n, workers)``) with one store each; :func:`merge_stores` joins them."""
+    indices (e.g. ``range(k, n, workers)``) with one store each; :func:`merge_stores` joins them.
+    Past ``deadline`` (``time.monotonic()``) labelling stops and only the labels done are returned."""
     from tqdm.auto import tqdm
 
     todo = [i for i in indices if i not in store.records]
     for i in tqdm(todo, desc="qua2sedimo labels", disable=not progress, leave=False):
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        report("qua2sedimo labels", len(store.records), len(indices))
         a = sample_assignment(bank.layers, bank.options, i, seed)
         start = time.perf_counter()
         store.add(i, {"assignment": a, "quality": labeller(bank, a), "bits": bank.bits(a),
                       "seconds": time.perf_counter() - start})
-    return {i: store.records[i] for i in indices}
+    return {i: store.records[i] for i in indices if i in store.records}
 
 
 def merge_stores(paths: Sequence[str | Path], fingerprint_: str) -> dict[int, dict]:
@@ -226,7 +231,8 @@ def score_subgraphs(graph: LayerGraph, bank: OptionBank, ens: Ensemble, *, max_a
     that hop, summed over folds."""
     options = bank.options
     raw = []
-    for sg in graph.subgraphs:
+    for i, sg in enumerate(graph.subgraphs):
+        report("qua2sedimo scoring", i, len(graph.subgraphs))
         combos = len(options) ** len(sg.nodes)
         if combos > max_assignments:
             raise ValueError(f"subgraph {sg.name} has {combos} assignments (> {max_assignments}); use fewer options")
