@@ -46,13 +46,14 @@ def through_api(pipe, config, prompts: list, call: dict, *, calib_steps: int, wo
     return model
 
 
-def through_cli(preset: str, out: Path, *, calib_prompts: int, steps: int, small: bool = True) -> nn.Module:
+def through_cli(preset: str, out: Path, *, calib_prompts: int, steps: int, small: bool = True,
+                workdir=None) -> nn.Module:
     """``ditq quantize --preset P`` on the built-in PixArt (in process), loaded back from its output."""
     from ..cli import main
     from ..quant_core.serialization import load_quantized
 
     args = ["quantize", "--preset", preset, "--out", str(out), "--calib-prompts", str(calib_prompts),
-            "--steps", str(steps), "--workdir", str(Path(out).with_suffix(".work"))]
+            "--steps", str(steps), "--workdir", str(workdir or Path(out).with_suffix(".work"))]
     if main(args + (["--small"] if small else [])) != 0:
         raise RuntimeError(f"ditq {' '.join(args)} failed")
     return load_quantized(out)
