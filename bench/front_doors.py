@@ -2,7 +2,8 @@
 full precision (SQNR dB of the final latents, one prompt, seed 0) through the Python API's three
 verbs, the CLI (``ditq quantize --preset P``) and ``QuantizedPixArtPipeline.from_pretrained(...,
 quantization_config=P)``, plus seconds per door. Slow presets run their documented small settings
-unless ``--full``.
+unless ``--full``. The doors calibrate on the CLI's prompts and share a work folder per preset, so a
+searched preset's later doors resume its work files (their seconds exclude the search).
 
     PYTHONPATH=<folder holding ditq> python3 bench/front_doors.py [--presets P ...] [--doors api cli diffusers]
 """
@@ -13,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-PROMPTS = ["a red fox in snow", "a city at night"]
 CALIB_STEPS = 4
 
 
@@ -21,6 +21,7 @@ def main() -> None:
     from ditq import QuantConfig
     from ditq.evaluation import front_doors as fd
     from ditq.evaluation.builtin import PIXART_CALL, tiny_pixart_pipeline
+    from ditq.evaluation.prompts import load_prompts
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", nargs="+", default=QuantConfig.presets())
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="sampling steps of the fidelity probe")
     ap.add_argument("--full", action="store_true", help="slow presets at their full settings")
     args = ap.parse_args()
+    prompts = load_prompts("calibration")[:2]
     pipe = tiny_pixart_pipeline()
     pipe.set_progress_bar_config(disable=True)
     call = dict(PIXART_CALL, num_inference_steps=args.steps)
@@ -39,18 +41,18 @@ def main() -> None:
     print("|---|" + "---|---|" * len(args.doors))
     for preset in args.presets:
         cfg = QuantConfig.preset(preset, small=not args.full)
-        cells = []
+        cells, shared = [], work / preset
         for door in args.doors:
             t0 = time.perf_counter()
             if door == "api":
-                model = fd.through_api(pipe, cfg, PROMPTS, calib_call, calib_steps=CALIB_STEPS)
+                model = fd.through_api(pipe, cfg, prompts, calib_call, calib_steps=CALIB_STEPS, workdir=shared)
             elif door == "cli":
-                model = fd.through_cli(preset, work / f"{preset}.safetensors", calib_prompts=len(PROMPTS),
-                                       steps=CALIB_STEPS, small=not args.full)
+                model = fd.through_cli(preset, work / f"{preset}.safetensors", calib_prompts=len(prompts),
+                                       steps=CALIB_STEPS, small=not args.full, workdir=shared)
             else:
-                model = fd.through_diffusers(fp_dir, cfg, PROMPTS, calib_call)
+                model = fd.through_diffusers(fp_dir, cfg, prompts, dict(calib_call, workdir=shared))
             seconds = time.perf_counter() - t0
-            cells.append(f"{fd.fidelity_db(pipe, model, PROMPTS[0], call):.1f} | {seconds:.1f}")
+            cells.append(f"{fd.fidelity_db(pipe, model, 'a red fox in snow', call):.1f} | {seconds:.1f}")
         print(f"| {preset} | {' | '.join(cells)} |", flush=True)
 
 
