@@ -113,8 +113,8 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationData
     needs = method.needs(config)
     lacking = list(needs) if calibration is None else calibration.missing(needs, config.method)
     if lacking:
-        raise ValueError(f"method {config.method!r} ({config.name or 'custom config'}) needs {lacking} from "
-                         f"calibration{'' if calibration is None else ', which this calibration lacks'}: run "
+        raise ValueError(f"method {config.method!r} ({config.name or 'custom config'}) needs calibration "
+                         f"{lacking}{'' if calibration is None else ', which this calibration lacks'}: run "
                          f"calib = ditq.calibrate(pipe, prompts, config=cfg) with this config first")
     ctx = QuantizationContext(model, select_layers(model, config), config, calibration, progress, on_layer)
     if calibration is not None and any(n in STATISTICS for n in needs):  # per-layer statistics

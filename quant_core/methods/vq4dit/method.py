@@ -426,14 +426,19 @@ class _Calibration:
         return sum(bool(m.hardened) for m in self.soft.values())
 
 
+def check_weight_only(config: QuantConfig) -> None:
+    if config.act_bits is not None or any(o.get("act_bits") for o in config.layers.values()):
+        raise ValueError("vq4dit quantizes weights only: set act_bits=None (activations stay in the compute dtype)")
+
+
 @register_method("vq4dit")
 class VQ4DiT:
     def needs(self, config: QuantConfig) -> tuple[str, ...]:
+        check_weight_only(config)  # before anyone records a trajectory for a config that cannot run
         return (MODEL_INPUTS,)
 
     def apply(self, ctx) -> None:
-        if ctx.config.act_bits is not None or any(o.get("act_bits") for o in ctx.config.layers.values()):
-            raise ValueError("vq4dit quantizes weights only: set act_bits=None (activations stay in the compute dtype)")
+        check_weight_only(ctx.config)
         if ctx.calibration.inputs is None or not ctx.calibration.inputs.calls:
             raise ValueError("vq4dit needs the teacher's recorded model inputs: calib = calibrate(pipe, prompts, "
                              "config=cfg) records them")
