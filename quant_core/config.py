@@ -189,8 +189,9 @@ class QuantConfig(_DictRoundTrip):
 
     @classmethod
     def presets(cls, quick_only: bool = False) -> list[str]:
-        """Preset names; ``quick_only`` leaves out those whose quantize step needs a prior search or
-        runs minutes of optimisation (the demo and the quality bench skip them unless named)."""
+        """Preset names, every one runnable as ``calibrate(pipe, prompts, config=cfg)`` then
+        ``quantize(model, cfg, calib)``; ``quick_only`` leaves out those that search their configuration
+        or run minutes of optimisation (the demo and the quality bench skip them unless named)."""
         from .methods import load_all
 
         load_all()
