@@ -459,7 +459,7 @@ PRESET_OPTIONS = {"ratio_init": "distance", "ratio_loss": "quadratic", "lr_ratio
 # Documented small settings (QuantConfig.preset(name, small=True)): seconds on the built-in PixArt, for
 # tests and smoke runs; fewer optimisation steps and k-means iterations, random k-means init (k-means++
 # draws k centres one after another), so less fidelity than the preset.
-SMALL = {"steps": 16, "kmeans_iters": 10, "kmeans_init": "random"}
+SMALL = {"steps": 8, "kmeans_iters": 3, "kmeans_init": "random"}
 register_preset("vq4dit-w2", lambda: QuantConfig(method="vq4dit", weight_bits=2, act_bits=None,
                                                  options=dict(PRESET_OPTIONS)), quick=False, small=SMALL)
 register_preset("vq4dit-w3", lambda: QuantConfig(method="vq4dit", weight_bits=3, act_bits=None,
