@@ -27,8 +27,11 @@ _LAZY = {
     "CheckpointError": "quant_core.serialization",
     "QuantLinear": "quant_core.layers",
     "NonFiniteError": "quant_core.quantizers",
+    "lora_config": "quant_core.peft_lora",
+    "register_lora_layers": "quant_core.peft_lora",
     "QuantizedPixArtPipeline": "pipelines.pipeline",
     "QuantizedDiTPipeline": "pipelines.pipeline",
+    "QuantizedPipeline": "pipelines.pipeline",
 }
 
 __all__ = sorted(_LAZY)

@@ -16,9 +16,25 @@ def _demo(args) -> int:
 
 
 def _quantize(args) -> int:
+    """Under ``torchrun`` (WORLD_SIZE > 1) the ranks join one process group and split calibration
+    and per-layer work; every rank ends with the same model and rank 0 alone prints and saves."""
+    import torch.distributed
+
+    from .quant_core import distributed as dist
+
+    started = dist.init_from_env()
+    try:
+        return _quantize_on_this_rank(args)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _quantize_on_this_rank(args) -> int:
     import torch
 
     from .demo import load_pipeline
+    from .quant_core import distributed as dist
     from .quant_core.calibration import calibrate
     from .quant_core.config import QuantConfig
     from .quant_core.methods import calibration_needs
@@ -30,16 +46,20 @@ def _quantize(args) -> int:
            else QuantConfig.preset(args.preset, small=args.small))
     pipe, call = load_pipeline(args.model, getattr(torch, args.dtype))
     pipe.set_progress_bar_config(disable=True)
+    if dist.device().type == "cuda":  # NCCL: one GPU per rank
+        pipe.to(dist.device())
     needs = calibration_needs(cfg)
     calib = None
     if needs:
         extra = {k: v for k, v in call.items() if k != "num_inference_steps"}
         calib = calibrate(pipe, load_prompts("calibration")[: args.calib_prompts],
                           num_inference_steps=args.steps or call["num_inference_steps"], config=cfg,
-                          workdir=args.workdir, **extra)
-    report = quantize(pipe.transformer, cfg, calib)
-    print(report)
-    print(f"saved to {save_quantized(pipe.transformer, args.out)}")
+                          workdir=args.workdir, progress=dist.is_main(), **extra)
+    report = quantize(pipe.transformer, cfg, calib, progress=dist.is_main())
+    saved = save_quantized(pipe.transformer, args.out)
+    if dist.is_main():
+        print(report)
+        print(f"saved to {saved}" + (f" (by rank 0 of {dist.world_size()})" if dist.active() else ""))
     return 0
 
 

@@ -33,7 +33,7 @@ def rtn_point(pipe, bits: int, symmetric: bool, labeller, include) -> tuple[floa
 
 def run(name: str, pipe, args, out: Path) -> dict:
     from ditq import QuantConfig, quantize
-    from ditq.quant_core.methods.qua2sedimo import search as qs
+    from ditq.quant_core.methods.qua2sedimo import config_search as qs
     from ditq.evaluation.builtin import PIXART_CALL
     from ditq.quant_core.passes.fitness import SampleFidelity
     from ditq.quant_core.methods.qua2sedimo.method import search

@@ -8,6 +8,10 @@ import torch
 
 from ..quant_core.sampling import DIT_CALL, PIXART_CALL  # noqa: F401 (the tiny pipelines' calls)
 
+# Keyword arguments the tiny Latte pipeline is called with (4 frames of 32x32).
+LATTE_CALL = dict(num_inference_steps=10, guidance_scale=4.5, video_length=4, height=32, width=32,
+                  clean_caption=False)
+
 
 def tiny_text_encoder(d_model: int = 64, seed: int = 0):
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
@@ -30,14 +34,23 @@ def tiny_pixart_transformer(seed: int = 0, *, num_layers: int = 4, sample_size: 
         num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
         norm_eps=1e-6, use_additional_conditions=False,
     ).eval()
-    # At random init the adaLN gates are ~0.06, so every block is nearly the identity and any
-    # quantization looks lossless. Open the attention and MLP gates (rows 2 and 5) as training does,
-    # so the blocks shape the output and quantization error shows.
+    return open_gates(model)
+
+
+def adaln_single_blocks(transformer) -> list:
+    """The blocks modulated by the shared adaLN-single: PixArt's, Latte's spatial and temporal ones."""
+    return list(transformer.transformer_blocks) + list(getattr(transformer, "temporal_transformer_blocks", ()))
+
+
+def open_gates(transformer):
+    """At random init the adaLN gates are ~0.06, so every block is nearly the identity and any
+    quantization looks lossless. Open the attention and MLP gates (rows 2 and 5) as training does,
+    so the blocks shape the output and quantization error shows."""
     with torch.no_grad():
-        for block in model.transformer_blocks:
+        for block in adaln_single_blocks(transformer):
             block.scale_shift_table[2] += 1.0
             block.scale_shift_table[5] += 1.0
-    return model
+    return transformer
 
 
 def tiny_vae(seed: int = 0):
@@ -60,7 +73,7 @@ def tiny_pixart_pipeline(seed: int = 0, variant: str = "alpha"):
 
 
 def plant_modulation_outliers(transformer, channels=(3, 77, 200), factor: float = 100.0):
-    """Make a PixArt transformer hard to quantize without changing what it computes.
+    """Make a PixArt (or Latte) transformer hard to quantize without changing what it computes.
 
     Real DiTs have a few input channels whose activations are orders of magnitude larger than the
     rest, produced by the adaLN modulation and varying with the timestep. We plant that structure:
@@ -84,7 +97,7 @@ def plant_modulation_outliers(transformer, channels=(3, 77, 200), factor: float 
                     lin.weight[row] *= factor
                     lin.bias[row] *= factor
                 lin.bias[scale] += factor - 1
-                for block in transformer.transformer_blocks:
+                for block in adaln_single_blocks(transformer):
                     block.scale_shift_table[chunk, c] *= factor
                     block.scale_shift_table[chunk + 1, c] *= factor
                     for name in names:
@@ -95,6 +108,31 @@ def plant_modulation_outliers(transformer, channels=(3, 77, 200), factor: float 
 def stress_pixart_pipeline(seed: int = 0, variant: str = "alpha"):
     """The built-in PixArt with planted modulation-path outliers (see plant_modulation_outliers)."""
     pipe = tiny_pixart_pipeline(seed, variant)
+    plant_modulation_outliers(pipe.transformer)
+    return pipe
+
+
+def tiny_latte_pipeline(seed: int = 0):
+    """A Latte text-to-video pipeline (the ViDiT-Q paper's video DiT in miniature): 2 spatial + 2
+    temporal blocks of width 256, 4 frames of 16x16 latents, 32x32 frames; call with ``LATTE_CALL``."""
+    from diffusers import DPMSolverMultistepScheduler, LattePipeline, LatteTransformer3DModel
+
+    tokenizer, text_encoder = tiny_text_encoder(seed=seed)
+    torch.manual_seed(seed)
+    transformer = LatteTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=16, patch_size=2, cross_attention_dim=256, caption_channels=64, video_length=4,
+        attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6).eval()
+    pipe = LattePipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(seed),
+                         transformer=open_gates(transformer), scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def stress_latte_pipeline(seed: int = 0):
+    """The built-in Latte with planted modulation-path outliers in its spatial and temporal blocks."""
+    pipe = tiny_latte_pipeline(seed)
     plant_modulation_outliers(pipe.transformer)
     return pipe
 

@@ -1,9 +1,12 @@
 """The only ditq code that touches ComfyUI internals: model folders, building a quantized
-ModelPatcher, rebuilding a ComfyUI model from a ditq file, ComfyUI-native export, driving the sampler.
+ModelPatcher, rebuilding a ComfyUI model from a ditq file, ComfyUI-native export, LoRA patches as
+branches, driving the sampler.
 
 ComfyUI surface used (and nothing else; tests/comfy_standin fakes exactly this):
 ``folder_paths`` (models_dir, folder_names_and_paths, get_filename_list, get_full_path_or_raise,
-get_folder_paths), ``comfy.model_patcher.ModelPatcher``, ``comfy.model_detection.
+get_folder_paths), ``comfy.model_patcher`` (ModelPatcher, subclassed: ``load``,
+``patch_weight_to_device``, ``partially_unload``, ``unpatch_model``; LowVramPatch),
+``comfy.weight_adapter.LoRAAdapter`` (``weights``), ``comfy.lora.calculate_weight``, ``comfy.model_detection.
 model_config_from_unet_config``, ``comfy.model_management`` (get_torch_device, unet_offload_device,
 throw_exception_if_processing_interrupted), ``comfy.sample`` (sample, prepare_noise,
 fix_empty_latent_channels), ``comfy.utils.ProgressBar``; on a model: ``patcher.model`` (a
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +27,7 @@ from torch import nn
 
 from ..quant_core.calibration import CalibrationData, CalibrationRecorder
 from ..quant_core.config import QuantConfig
-from ..quant_core.layers import QuantLinear, QuantModule
+from ..quant_core.layers import QuantLinear, QuantModule, branches_lifted
 from ..quant_core.models import select_layers
 from ..quant_core.quantize import quantize
 from ..quant_core.serialization import (CheckpointError, atomic_save_file, load_quantized_state,
@@ -167,7 +171,6 @@ def _empty_base_model(model_config, state_dict: dict[str, torch.Tensor]):
 
 def _new_patcher(base, like=None):
     import comfy.model_management as mm
-    import comfy.model_patcher
 
     load = like.load_device if like is not None else mm.get_torch_device()
     offload = like.offload_device if like is not None else mm.unet_offload_device()
@@ -175,7 +178,7 @@ def _new_patcher(base, like=None):
     adopt_for_comfy(base.diffusion_model)
     # size=0: ModelPatcher measures the state dict, i.e. the packed integer bytes (a clone would
     # inherit the FP parent's cached size).
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=load, offload_device=offload)
+    patcher = patcher_class()(base, load_device=load, offload_device=offload)
     if like is not None:
         patcher.model_options = {**like.model_options,
                                  "transformer_options": dict(like.model_options.get("transformer_options", {}))}
@@ -257,7 +260,8 @@ def save_patcher(patcher, path) -> Path:
         raise ComfyAdapterError("Save Quantized DiT: the model is not quantized by ditq; connect the "
                                 "output of Quantize DiT (ditq) or Load Quantized DiT (ditq)")
     desc = getattr(dm, "ditq_comfy", None) or model_description(patcher)
-    return save_quantized(dm, path, model_config=desc)
+    with _as_saved(dm):
+        return save_quantized(dm, path, model_config=desc)
 
 
 # -- ComfyUI-native export -----------------------------------------------------------------------
@@ -312,74 +316,207 @@ def export_native(patcher, path) -> tuple[Path, list[str]]:
 
 
 # -- LoRA and offloading on ditq layers ----------------------------------------------------------
+COMFY_BRANCH = "comfy:"  # names of the branches a ModelPatcher attached to a layer: comfy:<patch index>
+
+
+def low_rank_factors(patch) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``(down [K, r], up [r, N], scale)`` of one ModelPatcher patch ``(strength, adapter,
+    strength_model, offset, function)`` when it is a plain LoRA (ComfyUI's LoRAAdapter without DoRA,
+    LoCon mid or reshape, on the whole weight, model strength 1): ComfyUI adds
+    ``strength * alpha / r * up @ down`` to the weight, i.e. ``scale * (x @ down.T) @ up.T`` to the
+    output. None for any other patch."""
+    from comfy.weight_adapter import LoRAAdapter
+
+    strength, adapter, strength_model, offset, function = patch
+    if not isinstance(adapter, LoRAAdapter) or strength_model != 1.0 or offset is not None or function is not None:
+        return None
+    up, down, alpha, mid, dora_scale, reshape = adapter.weights
+    if mid is not None or dora_scale is not None or reshape is not None or up.dim() != 2 or down.dim() != 2:
+        return None
+    return down.T, up.T, strength * (alpha / down.shape[0] if alpha is not None else 1.0)
+
+
+class DensePatch:
+    """Weight function for patches that are not plain LoRAs (LoHa, LoKr, DoRA, full diffs, merges):
+    ComfyUI's own ``calculate_weight`` on the dequantized weight. The layer adds
+    ``x @ (patched - dequantized)^T`` to its quantized output, so the packed weight is still never
+    re-encoded; exact, at the cost of a dense product per call."""
+
+    def __init__(self, key: str, patches: list):
+        self.key, self.patches = key, patches
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        import comfy.lora
+
+        return comfy.lora.calculate_weight(self.patches, weight, self.key)
+
+
+def _ditq_layers(model: nn.Module):
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, _ComfyQuantMixin))
+
+
+def attach_patches(layer: QuantModule, key: str, patches: list, device) -> None:
+    """Turn the ModelPatcher patches of ``layer``'s weight into branches (all plain LoRAs) or one
+    DensePatch (anything else: exact, slower), replacing what a previous patcher attached."""
+    detach_patches(layer)
+    if not patches:
+        return
+    factors = [low_rank_factors(p) for p in patches]
+    if any(f is None for f in factors):
+        layer.weight_function.append(DensePatch(key, patches))
+        return
+    for i, (down, up, scale) in enumerate(factors):
+        layer.add_branch(f"{COMFY_BRANCH}{i}", down.to(device), up.to(device), scale, dtype=layer.branch_dtype())
+
+
+def detach_patches(layer: QuantModule) -> None:
+    for name in [n for n in layer.lora_branches if n.startswith(COMFY_BRANCH)]:
+        layer.remove_branch(name)
+    layer.weight_function = [f for f in layer.weight_function if not isinstance(f, DensePatch)]
+
+
+class _LoraAsBranches:
+    """ModelPatcher behaviour for models with ditq layers (ComfyUI-GGUF's pattern: a ModelPatcher
+    subclass, so stock LoraLoader / LoraLoaderModelOnly and clones keep working unchanged).
+
+    Patches on a ditq layer's ``weight`` key become branches of the layer each time the patcher loads
+    the model, and are dropped when it unpatches it, as merged weights would be restored: the packed
+    weight is never re-encoded. ``force_patch_weights`` keeps ComfyUI from giving ditq layers
+    LowVramPatch weight functions on offloaded (lowvram) loads; full-precision layers are patched
+    the stock way.
+    """
+
+    def load(self, *args, force_patch_weights=False, **kwargs):
+        out = super().load(*args, force_patch_weights=True, **kwargs)
+        device = self.model.device
+        for name, layer in _ditq_layers(self.model):
+            key = f"{name}.weight"
+            attach_patches(layer, key, self.patches.get(key, []), device if device is not None else layer.weight.device)
+        return out
+
+    def patch_weight_to_device(self, key, *args, **kwargs):
+        try:
+            owner = self.model.get_submodule(key.rsplit(".", 1)[0])
+        except AttributeError:
+            owner = None
+        if not isinstance(owner, _ComfyQuantMixin):
+            return super().patch_weight_to_device(key, *args, **kwargs)
+        # ditq layers: branches, attached by load(); asked for the weight (e.g. to save a
+        # checkpoint), they give their stored one, since a patch cannot be merged into it
+        return owner.weight if kwargs.get("return_weight") else None
+
+    def partially_unload(self, *args, **kwargs):
+        import comfy.model_patcher
+
+        freed = super().partially_unload(*args, **kwargs)
+        for _, layer in _ditq_layers(self.model):  # their patches are already attached
+            layer.weight_function = [f for f in layer.weight_function
+                                     if not isinstance(f, comfy.model_patcher.LowVramPatch)]
+        return freed
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        out = super().unpatch_model(device_to, unpatch_weights)
+        if unpatch_weights:
+            for _, layer in _ditq_layers(self.model):
+                detach_patches(layer)
+        return out
+
+
+_PATCHER_CLASS: list[type] = []
+
+
+def patcher_class() -> type:
+    """ComfyUI's ModelPatcher with ditq's LoRA-as-branches behaviour (built once ComfyUI is importable)."""
+    if not _PATCHER_CLASS:
+        import comfy.model_patcher
+
+        _PATCHER_CLASS.append(type("DitqModelPatcher", (_LoraAsBranches, comfy.model_patcher.ModelPatcher), {}))
+    return _PATCHER_CLASS[0]
+
+
 class _ComfyQuantMixin:
     """What ComfyUI's ModelPatcher needs from a layer, added to ditq's quantized layers.
 
     * ``weight`` is a (frozen) Parameter, so the patcher lists the layer, moves it between load and
-      offload devices and accepts LoRA patches on ``<layer>.weight``.
-    * LoRA, full load: ``convert_weight`` gives the float weight, the patcher adds the LoRA delta,
-      ``set_weight`` re-encodes it with the layer's scales (QuantLinear.encode_weight); unpatching
-      restores the saved integer weight, so removing the LoRA is exact.
-    * LoRA under lowvram: the patcher attaches ``weight_function``s; the layer then runs on its
-      dequantized weight with the patches applied.
+      offload devices and accepts LoRA patches on ``<layer>.weight``. Codebook and timestep-switch
+      layers have no single weight tensor: they get an empty stand-in (0 bytes, never computed with).
+    * LoRA: the patcher (DitqModelPatcher) attaches patches as branches; never merged and re-encoded.
+    * Weight functions (DensePatch, or a stock patcher's lowvram patches) run on the dequantized
+      weight; their change is added to the quantized output.
     * Offloaded layers (weights not on the input's device) are moved per call.
     """
 
     comfy_cast_weights = False
 
-    def _device(self) -> torch.device:
-        return next(iter([*self.parameters(recurse=False), *self.buffers(recurse=False)])).device
-
     def convert_weight(self, weight, inplace=False, **kwargs):
         return self.effective_weight().to(device=weight.device)
 
     def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
-        if not isinstance(self, QuantLinear):
-            raise ComfyAdapterError(f"layer {self.layer_name!r} ({self.layer_type}): LoRA on this "
-                                    f"quantized layer type is not supported")
-        q = self.encode_weight(weight).to(self.weight.device)
-        if return_weight:
-            return q
-        self.weight = nn.Parameter(q, requires_grad=False)
+        if return_weight:  # a weight function's result: used dequantized, as patch_delta does
+            return weight
+        raise ComfyAdapterError(
+            f"layer {self.layer_name!r}: ComfyUI tried to merge a patch into the quantized weight, which "
+            f"would re-round it. ditq models carry LoRAs as branches through their own ModelPatcher "
+            f"(DitqModelPatcher); a node replaced it with a plain one. Apply the LoRA to the MODEL output "
+            f"of Quantize DiT / Load Quantized DiT (ditq) directly")
 
-    def forward(self, x, **kwargs):  # kwargs: weight_bits of a timestep-switch variant
-        wf, bf = getattr(self, "weight_function", []), getattr(self, "bias_function", [])
-        if wf or bf:
-            bits = kwargs.get("weight_bits")
-            w = (self.effective_weight(bits) if bits else self.effective_weight()).to(x.device)
-            for f in wf:
-                w = f(w)
-            b = self.bias.to(x.device) if self.bias is not None else None
-            for f in bf:
-                b = f(b)
-            return nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
-        if self._device() != x.device:
+    def patch_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ (f(W) - W)^T (+ bias change)`` for the weight/bias functions ``f`` ComfyUI attached."""
+        w = self.effective_weight().to(x.device)
+        patched = w.clone()
+        for f in self.weight_function:
+            patched = f(patched)
+        bias = None
+        if self.bias_function and self.bias is not None:
+            b = self.bias.to(x.device)
+            patched_b = b.clone()
+            for f in self.bias_function:
+                patched_b = f(patched_b)
+            bias = (patched_b - b).to(x.dtype)
+        return nn.functional.linear(x, (patched - w).to(x.dtype), bias)
+
+    def forward(self, x, *args, **kwargs):
+        if self.weight.device != x.device:
             moved = {n: t.to(x.device, non_blocking=True) for n, t in
                      list(self.named_parameters(recurse=False)) + list(self.named_buffers(recurse=False))}
-            return torch.func.functional_call(self, moved, (x,), kwargs)
-        return super().forward(x, **kwargs)
+            return torch.func.functional_call(self, moved, (x, *args), kwargs)
+        y = super().forward(x, *args, **kwargs)
+        if self.weight_function or self.bias_function:
+            y = y + self.patch_delta(x)
+        return y
 
 
 _ADOPTED: dict[type, type] = {}
 
 
 def adopt_for_comfy(model: nn.Module) -> None:
-    """Give every ditq layer of ``model`` the ModelPatcher contract (see _ComfyQuantMixin). A layer
-    that only holds other ditq layers (a timestep switch) is left as it is: its variants are adopted.
-    Layers without a ``weight`` tensor (codebooks + indices) get offloading and lowvram patches but
-    no ``.weight`` for full-load LoRA (set_weight refuses them)."""
+    """Give every ditq layer of ``model`` the ModelPatcher contract (see _ComfyQuantMixin)."""
     for mod in model.modules():
         if not isinstance(mod, QuantModule) or isinstance(mod, _ComfyQuantMixin):
-            continue
-        if not any(t is not None for t in [*mod._buffers.values(), *mod._parameters.values()]):
             continue
         cls = type(mod)
         if cls not in _ADOPTED:
             _ADOPTED[cls] = type(f"Comfy{cls.__name__}", (_ComfyQuantMixin, cls), {})
         mod.__class__ = _ADOPTED[cls]
-        if "weight" in mod._buffers:
-            mod.weight = nn.Parameter(mod._buffers.pop("weight"), requires_grad=False)
+        w = mod._buffers.pop("weight", None)
+        mod.weight_stand_in = w is None
+        if w is None:
+            w = torch.empty(0, dtype=mod.branch_dtype(), device=next(mod.buffers()).device)
+        mod.weight = nn.Parameter(w, requires_grad=False)
         mod.weight_function, mod.bias_function = [], []
+
+
+@contextmanager
+def _as_saved(model: nn.Module):
+    """``model`` as its file holds it: without weight stand-ins and without LoRA branches (a MODEL's
+    patches are not part of the quantized model)."""
+    stand_ins = {m: m._parameters.pop("weight") for m in model.modules() if getattr(m, "weight_stand_in", False)}
+    try:
+        with branches_lifted(model):
+            yield
+    finally:
+        for m, w in stand_ins.items():
+            m._parameters["weight"] = w
 
 
 # -- calibration through ComfyUI's sampler -------------------------------------------------------

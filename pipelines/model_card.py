@@ -44,6 +44,10 @@ def bits_tags(qcfg: dict) -> list[str]:
     return sorted(combos)
 
 
+# The family loader named in a card's usage snippet; other pipelines load through QuantizedPipeline.
+_DOORS = (("PixArt", "QuantizedPixArtPipeline"), ("DiTPipeline", "QuantizedDiTPipeline"))
+
+
 def build(transformer, qcfg: dict, folder: Path, *, base_model: str | None, pipeline_tag: str,
           tags: tuple[str, ...], pipeline_class: str, transformer_only: bool) -> ModelCard:
     recipe = qcfg.get("recipe") or {}
@@ -58,11 +62,12 @@ def build(transformer, qcfg: dict, folder: Path, *, base_model: str | None, pipe
         ditq={"method": method, "preset": recipe.get("name"), "bits": bits,
               "format_version": qcfg.get("format_version"), "sizes": sizes,
               "fidelity": fidelity or "not measured"})
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(qcfg, sizes, fidelity, base_model, pipeline_class, transformer_only, bits)}")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(qcfg, sizes, fidelity, base_model, pipeline_class, transformer_only, bits, type(transformer).__name__)}")
 
 
-def _body(qcfg, sizes, fidelity, base_model, pipeline_class, transformer_only, bits) -> str:
+def _body(qcfg, sizes, fidelity, base_model, pipeline_class, transformer_only, bits, transformer_class) -> str:
     recipe = qcfg.get("recipe") or {}
+    door = next((d for family, d in _DOORS if family in pipeline_class), "QuantizedPipeline")
     base = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "a full-precision model"
     lines = [
         f"# {pipeline_class} quantized with ditq ({', '.join(bits) or 'custom'})", "",
@@ -75,11 +80,10 @@ def _body(qcfg, sizes, fidelity, base_model, pipeline_class, transformer_only, b
                   f"scheduler come from `{base_model}` (see `ditq_base_model.json`).", ""]
     lines += [
         "## Use", "", "```python", "import torch",
-        "from ditq import QuantizedPixArtPipeline" if "PixArt" in pipeline_class else "from ditq import QuantizedDiTPipeline",
-        f"pipe = {'QuantizedPixArtPipeline' if 'PixArt' in pipeline_class else 'QuantizedDiTPipeline'}"
-        '.from_pretrained("<this repo>", torch_dtype=torch.float16)', "```", "",
+        f"from ditq import {door}",
+        f'pipe = {door}.from_pretrained("<this repo>", torch_dtype=torch.float16)', "```", "",
         "Or, with `import ditq` done first, the stock diffusers loaders "
-        "(`PixArtTransformer2DModel.from_pretrained(repo, subfolder=\"transformer\")`, and for full repos "
+        f"(`{transformer_class}.from_pretrained(repo, subfolder=\"transformer\")`, and for full repos "
         f"`{pipeline_class}.from_pretrained(repo)`).", "",
         "## Measured", "",
         "| figure | value |", "|---|---|",

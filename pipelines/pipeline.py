@@ -18,7 +18,6 @@ tokenizer and scheduler; ``from_pretrained`` resolves the pointer.
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,41 +25,60 @@ from typing import Any, Sequence
 import torch
 from diffusers import DiffusionPipeline, DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline
 
-from ..quant_core.serialization import CheckpointError, atomic_write_text
+from ..quant_core.serialization import (CheckpointError, atomic_write_text, hub_error, is_repo_id,
+                                        local_path_missing)
 from . import model_card
 from .quantizer import DitqConfig, attach_quantizer, is_ditq_model, register
 
 POINTER_NAME = "ditq_base_model.json"
 POINTER_VERSION = 1
 _HUB_KEYS = ("revision", "cache_dir", "local_files_only", "token")
-_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def _read_json(source: str, filename: str, **hub) -> dict | None:
-    """``filename`` from a local folder or a Hub repo (cache-aware); None if the repo lacks it."""
+    """``filename`` from a local folder or a Hub repo (cache-aware); None if the repo lacks it.
+    A missing local path, an unknown repo or revision, and an offline or unreachable Hub each raise
+    their own error (serialization.hub_error)."""
     folder = Path(source)
     if folder.is_dir():
         path = folder / filename
         if not path.is_file():
             return None
-    elif not _REPO_ID.fullmatch(source):
-        raise FileNotFoundError(f"{source}: no such folder, and not a Hub repo id (org/name)")
+    elif not is_repo_id(source):
+        raise local_path_missing(source)
     else:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import RemoteEntryNotFoundError
 
-        try:  # offline, "not cached" is LocalEntryNotFoundError, a subclass
-            path = Path(hf_hub_download(source, filename, **{k: v for k, v in hub.items() if v is not None}))
-        except EntryNotFoundError:
+        given = {k: v for k, v in hub.items() if v is not None}
+        try:
+            path = Path(hf_hub_download(source, filename, **given))
+        except RemoteEntryNotFoundError:  # the repo exists and lacks this file
             return None
+        except Exception as e:
+            if _known_absent(source, filename, **given):  # offline, and the cache recorded the 404
+                return None
+            raise hub_error(source, e, revision=hub.get("revision"),
+                            local_files_only=bool(hub.get("local_files_only"))) from e
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{source}: {filename} is not valid JSON ({e})") from None
 
 
+def _known_absent(repo: str, filename: str, **hub) -> bool:
+    from huggingface_hub import _CACHED_NO_EXIST, try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, cache_dir=hub.get("cache_dir"), revision=hub.get("revision"))
+    return found is _CACHED_NO_EXIST
+
+
 def _images(output) -> torch.Tensor:
-    return torch.from_numpy(output.images).permute(0, 3, 1, 2).float()
+    """``[N, C, H, W]`` from an image pipeline's ``images`` or a video pipeline's ``frames`` (one image
+    per frame), as ``output_type="np"`` returns them."""
+    pixels = output.images if hasattr(output, "images") else output.frames
+    pixels = torch.from_numpy(pixels)
+    return pixels.reshape(-1, *pixels.shape[-3:]).permute(0, 3, 1, 2).float()
 
 
 class QuantizedPipelineMixin:
@@ -91,8 +109,8 @@ class QuantizedPipelineMixin:
         index = _read_json(source, "model_index.json", **hub)
         pointer = None if index is not None else _read_json(source, POINTER_NAME, **hub)
         if index is None and pointer is None:
-            raise FileNotFoundError(f"{source}: neither model_index.json nor {POINTER_NAME} found"
-                                    + (" in the local cache (offline)" if hub["local_files_only"] else ""))
+            raise FileNotFoundError(f"{source}: neither model_index.json nor {POINTER_NAME} found; not a "
+                                    "diffusers pipeline repo or a ditq transformer-only repo")
         try:
             if index is not None:
                 target = cls._variant(index.get("_class_name"), source)
@@ -106,8 +124,7 @@ class QuantizedPipelineMixin:
                           f"plus model_index.json and the other components, or {POINTER_NAME}.") from e
         if quantization_config is not None:
             pipe.quantize(quantization_config, calibration_prompts, fidelity_prompts=fidelity_prompts,
-                          base_model=base_model or (source if _REPO_ID.fullmatch(source) and
-                                                    not Path(source).exists() else None),
+                          base_model=base_model or (source if is_repo_id(source) else None),
                           base_revision=kwargs.get("revision"), **(calibration_kwargs or {}))
         elif not is_ditq_model(pipe.transformer):
             raise ValueError(f"{source}: the transformer is not ditq-quantized; to quantize it now pass "
@@ -195,6 +212,16 @@ class QuantizedPipelineMixin:
         attach_quantizer(self.transformer, base_model=base_model, base_revision=base_revision, fidelity=fidelity)
         self.ditq_report = report
         return report
+
+    def to(self, *args, **kwargs):
+        """diffusers refuses to cast a quantized model to another dtype, but only when it reaches the
+        transformer, after casting the components before it; refuse before touching any."""
+        dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
+        if dtype is not None and is_ditq_model(self.transformer):
+            raise ValueError(f"cannot cast a pipeline with a ditq-quantized transformer to {dtype} (diffusers "
+                             "forbids it for quantized models); load it with torch_dtype=... instead. "
+                             "No component was changed.")
+        return super().to(*args, **kwargs)
 
     # -- saving --------------------------------------------------------------------------------
     @classmethod
@@ -300,3 +327,36 @@ class QuantizedDiTPipeline(QuantizedPipelineMixin, DiTPipeline):
 
 
 QuantizedDiTPipeline._variants = {"DiTPipeline": QuantizedDiTPipeline}
+
+
+class QuantizedPipeline(QuantizedPipelineMixin):
+    """Any diffusers text-to-image or text-to-video pipeline whose transformer has a ditq layer policy
+    (Wan, Flux, SD3, Latte, CogVideoX, HunyuanDiT, PixArt ...): ``from_pretrained`` follows the stock
+    pipeline class the repo names and returns its quantized twin (``QuantizedFluxPipeline`` is a
+    ``FluxPipeline``). Call it with the pipeline's own arguments; ``calibration_kwargs`` too.
+
+    >>> pipe = QuantizedPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    ...     quantization_config="vidit-q-w8a8", calibration_prompts=prompts,
+    ...     calibration_kwargs=dict(num_frames=33, num_inference_steps=20))
+    """
+
+    _twins: dict[str, type] = {}
+
+    @classmethod
+    def _variant(cls, stock_name: str | None, source: str) -> type:
+        import diffusers
+
+        stock = getattr(diffusers, stock_name or "", None)
+        if not (isinstance(stock, type) and issubclass(stock, DiffusionPipeline)):
+            raise ValueError(f"{source} names pipeline class {stock_name!r}, which is not a diffusers pipeline")
+        if "transformer" not in stock._get_signature_keys(stock)[0]:
+            raise ValueError(f"{source}: {stock_name} has no transformer to quantize (ditq quantizes DiTs)")
+        if stock_name not in cls._twins:
+            cls._twins[stock_name] = type(f"Quantized{stock_name}", (cls, stock), {"__module__": __name__})
+        return cls._twins[stock_name]
+
+    @classmethod
+    def _from_pointer(cls, source: str, pointer: dict, kwargs: dict):
+        transformer = _read_json(source, "transformer/config.json", **{k: kwargs.get(k) for k in _HUB_KEYS})
+        twin = type(cls.__name__, (cls,), {"transformer_class": (transformer or {}).get("_class_name")})
+        return QuantizedPipelineMixin._from_pointer.__func__(twin, source, pointer, kwargs)

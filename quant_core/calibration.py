@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from . import distributed as dist
 from .sampling import takes_prompts
 from .methods import calibration_needs, get_method
 from .progress import ProgressHook, report, reporting
@@ -31,6 +32,13 @@ class Statistic:
     def result(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def start_run(self, run: int) -> None:
+        """A new sampling run ``run`` (its index among all runs of the calibration) begins."""
+
+    def merge_ranks(self) -> None:
+        """Replace this rank's summary by the summary of all ranks' inputs (torch.distributed)."""
+        raise NotImplementedError(f"calibration statistic {type(self).__name__} has no cross-rank merge")
+
 
 class ChannelAbsMax(Statistic):
     """Per-step, per-input-channel max |x| over all tokens and batch rows: ``[steps, K]``."""
@@ -47,28 +55,53 @@ class ChannelAbsMax(Statistic):
     def result(self):
         return torch.stack(self.rows)
 
+    def merge_ranks(self):  # a rank that ran no prompt contributes zeros, neutral for a max of |x|
+        shapes = [s for s in dist.gather_objects(self.result().shape if self.rows else None) if s is not None]
+        if not shapes:  # the layer never ran on any rank
+            return
+        mine = torch.zeros(max(s[0] for s in shapes), shapes[0][1])
+        if self.rows:
+            mine[:len(self.rows)] = self.result()
+        self.rows = list(dist.all_reduce(mine, "max"))
+
 
 class RowSample(Statistic):
     """A uniform random sample of at most ``limit`` input rows over all steps, for methods that need
     real inputs (GPTQ's Hessian, search fitness): ``[<=limit, K]``. Each row draws a random key and
-    the rows with the largest keys are kept, which is uniform sampling without replacement."""
+    the rows with the largest keys are kept, which is uniform sampling without replacement. The keys
+    of a run depend only on (seed, run index), so runs split across ranks draw the keys one process
+    would, and the largest keys of the union of the ranks' samples are the single-process sample."""
 
     def __init__(self, limit: int = 256, seed: int = 0):
-        self.limit = limit
+        self.limit, self.seed = limit, seed
         self.gen = torch.Generator().manual_seed(seed)
         self.rows: torch.Tensor | None = None
-        self.keys = torch.empty(0)
+        self.keys = torch.empty(0, dtype=torch.float64)
+
+    def start_run(self, run):
+        self.gen.manual_seed(self.seed * 1_000_003 + run)
 
     def update(self, step, x):
-        x = x.detach().float().cpu()
-        keys = torch.rand(x.shape[0], generator=self.gen)
-        rows = x if self.rows is None else torch.cat([self.rows, x])
-        keys = torch.cat([self.keys, keys])
-        keep = keys.topk(min(self.limit, keys.numel())).indices
+        keys = torch.rand(x.shape[0], generator=self.gen, dtype=torch.float64)
+        if x.shape[0] > self.limit:  # only the new rows with the largest keys can survive: copy just those
+            keys, top = keys.topk(self.limit)
+            x = x[top.to(x.device)]
+        self._keep(keys, x.detach().float().cpu())
+
+    def _keep(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.rows is not None:
+            rows, keys = torch.cat([self.rows, rows]), torch.cat([self.keys, keys])
+        keep = keys.topk(min(self.limit, keys.numel())).indices  # sorted by key: the same order on any split
         self.rows, self.keys = rows[keep], keys[keep]
 
     def result(self):
         return self.rows
+
+    def merge_ranks(self):
+        parts = [p for p in dist.gather_objects(None if self.rows is None else (self.keys, self.rows))
+                 if p is not None]
+        self.rows, self.keys = None, torch.empty(0, dtype=torch.float64)
+        self._keep(torch.cat([k for k, _ in parts]), torch.cat([r for _, r in parts]))
 
 
 STATISTICS: dict[str, Callable[[], Statistic]] = {"act_absmax": ChannelAbsMax, "act_samples": RowSample}
@@ -129,6 +162,19 @@ class ModelInputs:
                     named[k] = v
         self.calls.append({k: self._encode(k, v) for k, v in named.items() if k not in self.skip})
 
+    def merged_runs(self, run_starts: dict[int, int]) -> "ModelInputs":
+        """The calls of every rank's runs (``run_starts``: run index -> first call here), gathered and
+        recorded again in run order, as one process running all runs would have recorded them."""
+        bounds = sorted(run_starts.items(), key=lambda kv: kv[1]) + [(None, len(self.calls))]
+        mine = {run: [decode_model_call(c, self.tensors) for c in self.calls[start:end]]
+                for (run, start), (_, end) in zip(bounds, bounds[1:])}
+        merged = ModelInputs(self.signature)
+        runs = {run: calls for part in dist.gather_objects(mine) for run, calls in part.items()}
+        for run in sorted(runs):
+            for kwargs in runs[run]:
+                merged.update((), kwargs)
+        return merged
+
 
 def decode_model_call(call: dict, tensors: dict[str, torch.Tensor], device=None) -> dict:
     """Keyword arguments of one recorded call (see :class:`ModelInputs`), tensors moved to ``device``."""
@@ -185,6 +231,7 @@ class CalibrationData:
             raise KeyError(f"calibration has no {stat!r} for layer {layer!r} (has {have}); re-run "
                            f"calibrate(pipe, prompts, config=cfg) with the config you quantize with") from None
 
+    @dist.main_only
     def save(self, path) -> None:
         from .serialization import atomic_save_file
 
@@ -255,7 +302,8 @@ class CalibrationRecorder:
     ``stat_options`` passes keyword arguments to a statistic's constructor, e.g.
     ``{"act_samples": {"limit": 2048}}`` for a larger GPTQ sample. The step index advances on every
     forward of ``model`` (one call = one denoising step, CFG halves batched); call :meth:`new_run`
-    before each sampling run. ``on_step`` is called after each step
+    before each sampling run. Consecutive calls at the same timestep are one step (pipelines that run
+    the CFG halves as two forwards, e.g. Wan). ``on_step`` is called after each step
     (progress bars, interrupt checks: raising from it aborts cleanly). Hooks are removed on exit,
     also when sampling raises. ``skip_inputs``: model arguments not to record (see :class:`ModelInputs`).
     """
@@ -277,21 +325,48 @@ class CalibrationRecorder:
         self.stats = {name: {n: STATISTICS[n](**opts.get(n, {})) for n in self.needs} for name in self.layers}
         self.timesteps: list[float] = []
         self.step = -1
+        self.run = -1
+        self.run_starts: dict[int, int] = {}  # run index -> its first call in self.inputs
+        self._last_t: float | None = None
+        self._new_step = True
         self._handles: list = []
 
-    def new_run(self) -> None:
+    def new_run(self, run: int | None = None) -> None:
+        """Start sampling run ``run`` (default: the next one); calibrate passes each batch's index."""
         self.step = -1
+        self._last_t = None
+        self.run = self.run + 1 if run is None else run
+        if self.inputs is not None:
+            self.run_starts[self.run] = len(self.inputs.calls)
+        for stats in self.stats.values():
+            for stat in stats.values():
+                stat.start_run(self.run)
+
+    def merge_ranks(self) -> None:
+        """Merge what every rank of a process group recorded (each ran some of the runs), so every rank
+        holds what one process running all runs in index order would have: statistics merged, rank 0's
+        timesteps (it ran run 0), and the model inputs of all runs in run order."""
+        if not dist.active():
+            return
+        for name in self.layers:
+            for stat in self.stats[name].values():
+                stat.merge_ranks()
+        self.timesteps = dist.broadcast_object(self.timesteps)
+        if self.inputs is not None:
+            self.inputs = self.inputs.merged_runs(self.run_starts)
 
     def _before_model(self, module, args, kwargs):
-        self.step += 1
+        t = call_timestep(args, kwargs)
+        self._new_step = t is None or t != self._last_t
+        self._last_t = t
+        self.step += self._new_step
         if self.inputs is not None:
             self.inputs.update(args, kwargs)
         if self.step >= len(self.timesteps):
-            t = call_timestep(args, kwargs)
             self.timesteps.append(float(self.step) if t is None else t)
 
     def _after_model(self, module, args, output):
-        if self.on_step is not None:
+        if self.on_step is not None and self._new_step:
             self.on_step(self.step)
 
     def _hook(self, name):
@@ -327,7 +402,8 @@ class CalibrationRecorder:
 def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int = 0, *,
               config=None, needs: Sequence[str] | None = None, guidance_scale: float | None = None,
               batch_size: int = 1, layers: Iterable[str] | None = None, progress: bool = True,
-              stat_options: dict[str, dict] | None = None, workdir=None, on_progress: ProgressHook | None = None,
+              stat_options: dict[str, dict] | None = None, component: str = "transformer",
+              workdir=None, on_progress: ProgressHook | None = None,
               **pipe_kwargs) -> CalibrationData:
     """Run the full-precision pipeline once over ``prompts`` and record statistics.
 
@@ -338,6 +414,8 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
     A method that searches its configuration (Qua²SeDiMo) runs the search here, on ``prompts``, with
     its work files (resumable) in ``workdir``; the result travels in the returned data to ``quantize``.
     ``on_progress(stage, done, total)`` sees every step and search unit (raise from it to stop).
+    ``component`` names the denoiser to record: Wan 2.2 A14B runs ``transformer`` at high noise and
+    ``transformer_2`` at low noise; calibrate (and quantize) each expert with its own statistics.
     Returns :class:`CalibrationData`; the pipeline is left unchanged.
 
     >>> calib = calibrate(pipe, ["a red fox in snow"], num_inference_steps=20, seed=0, config=cfg)
@@ -350,13 +428,17 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
     if SEARCH in needs and config is None:
         raise ValueError("calibrate: needs include 'search', which runs the method's configuration search: "
                          "pass config=QuantConfig.preset(...)")
-    model = pipe.transformer
-    meta = {"model": type(model).__name__, "num_prompts": len(prompts), "num_inference_steps": num_inference_steps,
+    model = getattr(pipe, component, None)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"calibrate: {type(pipe).__name__} has no denoiser {component!r} "
+                         f"(component names the pipeline's transformer to record)")
+    meta = {"model": type(model).__name__, "component": component, "num_prompts": len(prompts),
+            "num_inference_steps": num_inference_steps,
             "seed": seed, "needs": list(needs), "stat_options": stat_options or {}}
     recorded = tuple(n for n in needs if n != SEARCH)
     with reporting(on_progress):
         if recorded:
-            data = _record(pipe, prompts, num_inference_steps, seed, recorded, meta, guidance_scale=guidance_scale,
+            data = _record(pipe, model, prompts, num_inference_steps, seed, recorded, meta, guidance_scale=guidance_scale,
                            batch_size=batch_size, layers=layers, progress=progress, stat_options=stat_options,
                            **pipe_kwargs)
         else:
@@ -367,15 +449,15 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
     return data
 
 
-def _record(pipe, prompts, num_inference_steps, seed, needs, meta, *, guidance_scale, batch_size, layers,
+def _record(pipe, model, prompts, num_inference_steps, seed, needs, meta, *, guidance_scale, batch_size, layers,
             progress, stat_options, **pipe_kwargs) -> CalibrationData:
-    """Sample ``prompts`` in batches with the recorder's hooks on the transformer."""
+    """Sample ``prompts`` in batches with the recorder's hooks on ``model`` (the pipeline's denoiser)."""
     from tqdm.auto import tqdm
 
-    model = pipe.transformer
     layers = list(layers) if layers is not None else list(select_layers(model))
     batches = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
-    bar = tqdm(total=len(batches) * num_inference_steps, desc="calibrate", disable=not progress)
+    mine = dist.shard(batches)  # under torch.distributed: this rank's batches, seeded as in one process
+    bar = tqdm(total=len(mine) * num_inference_steps, desc="calibrate", disable=not progress or not dist.is_main())
     kwargs = dict(pipe_kwargs)
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
@@ -384,7 +466,7 @@ def _record(pipe, prompts, num_inference_steps, seed, needs, meta, *, guidance_s
         kwargs.setdefault("output_type", "latent")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    total, done = len(batches) * num_inference_steps, [0]
+    total, done = len(mine) * num_inference_steps, [0]
 
     def on_step(step):
         bar.update(1)
@@ -394,8 +476,8 @@ def _record(pipe, prompts, num_inference_steps, seed, needs, meta, *, guidance_s
     rec = CalibrationRecorder(model, layers, needs, on_step=on_step, stat_options=stat_options)
     try:
         with rec, torch.no_grad():
-            for i, batch in enumerate(batches):
-                rec.new_run()
+            for i, batch in mine:
+                rec.new_run(i)
                 gen = torch.Generator("cpu").manual_seed(seed + i)
                 if text:
                     pipe(prompt=batch, num_inference_steps=num_inference_steps, generator=gen, **kwargs)
@@ -404,4 +486,5 @@ def _record(pipe, prompts, num_inference_steps, seed, needs, meta, *, guidance_s
                          output_type="np", **kwargs)
     finally:
         bar.close()
+    rec.merge_ranks()
     return rec.result(meta)

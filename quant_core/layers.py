@@ -6,7 +6,8 @@ state dict is loaded. That is how a model is rebuilt from the file alone (serial
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,11 +28,25 @@ def register_layer_type(name: str):
     return deco
 
 
+class LowRankBranch(NamedTuple):
+    """A full-precision adapter on a quantized layer: adds ``scale * (x @ down) @ up`` to its output."""
+
+    down: torch.Tensor  # [K, r]
+    up: torch.Tensor    # [r, N]
+    scale: float
+
+
 class QuantModule(nn.Module):
-    """Base of quantized layers: spec round trip, byte counts, dtype-stable buffers.
+    """Base of quantized layers: spec round trip, byte counts, dtype-stable buffers, LoRA branches.
 
     Buffers named in ``_fixed_dtype`` keep their dtype under ``.to(dtype)`` / ``.half()``: scales stay
     float32 and fp8 weights stay fp8 when the model is cast to the compute dtype.
+
+    ``lora_branches`` (name -> :class:`LowRankBranch`) are low-rank adapters (LoRA) kept beside the
+    packed weight instead of being merged into it, where re-rounding would lose a small LoRA: each
+    adds ``scale * (x @ down) @ up`` computed on the layer's raw input (before any smoothing or
+    rotation), in the order added. They are not buffers: not in the state dict nor the saved file,
+    and they cost exactly their factors. With none attached the output is the quantized one, bit for bit.
     """
 
     layer_type = "abstract"
@@ -41,6 +56,48 @@ class QuantModule(nn.Module):
     def __init__(self):
         super().__init__()
         self.layer_name = ""
+        self.lora_branches: dict[str, LowRankBranch] = {}
+
+    def add_branch(self, name: str, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0,
+                   dtype: torch.dtype | None = None) -> None:
+        """Attach ``y += scale * (x @ down) @ up`` (``down`` ``[K, r]``, ``up`` ``[r, N]``) under ``name``;
+        ``dtype`` (the compute dtype) casts the factors, which are detached, never copied otherwise."""
+        layer = self.layer_name or type(self).__name__
+        if name in self.lora_branches:
+            raise ValueError(f"layer {layer!r}: a LoRA branch named {name!r} is already attached")
+        k, n = self.in_features, self.out_features
+        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != k or up.shape[1] != n or down.shape[1] != up.shape[0]:
+            raise ValueError(f"layer {layer!r}: LoRA branch {name!r} has factors {tuple(down.shape)} @ "
+                             f"{tuple(up.shape)}; a {n}x{k} layer needs [{k}, r] @ [r, {n}]")
+        down, up = down.detach(), up.detach()
+        if dtype is not None:
+            down, up = down.to(dtype), up.to(dtype)
+        self.lora_branches[name] = LowRankBranch(down, up, float(scale))
+
+    def branch_dtype(self) -> torch.dtype:
+        """The compute dtype (the bias's; float32 without a bias): what branch factors are kept in."""
+        bias = next((b for n, b in self.named_buffers() if n.rsplit(".", 1)[-1] == "bias"), None)
+        return bias.dtype if bias is not None else torch.float32
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """A stored tensor of this layer: PEFT places a new adapter on the device of a layer's
+        ``qweight`` (its name for packed weights), which codebook and switch layers have no other way
+        to show (no ``weight``, no parameters)."""
+        return next(self.buffers())
+
+    def remove_branch(self, name: str) -> LowRankBranch:
+        if name not in self.lora_branches:
+            raise KeyError(f"layer {self.layer_name or type(self).__name__!r}: no LoRA branch {name!r} "
+                           f"(attached: {sorted(self.lora_branches)})")
+        return self.lora_branches.pop(name)
+
+    def with_branches(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (this layer's quantized output for raw input ``x``) plus every attached branch."""
+        for b in self.lora_branches.values():
+            h = (x.to(b.down.dtype) @ b.down.to(x.device)) * b.scale
+            y = y + (h @ b.up.to(x.device)).to(y.dtype)
+        return y
 
     def spec(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -80,12 +137,31 @@ class QuantModule(nn.Module):
                 out = t.to(device=out.device)
             return out
 
-        return super()._apply(keep_dtype, recurse)
+        out = super()._apply(keep_dtype, recurse)
+        self.lora_branches = {k: LowRankBranch(fn(b.down), fn(b.up), b.scale) for k, b in self.lora_branches.items()}
+        return out
+
+
+@contextmanager
+def branches_lifted(model: nn.Module):
+    """Detach every LoRA branch of ``model`` for the duration (e.g. to save or measure the bare
+    quantized model) and put them back afterwards."""
+    lifted = {m: m.lora_branches for m in model.modules() if isinstance(m, QuantModule) and m.lora_branches}
+    for m in lifted:
+        m.lora_branches = {}
+    try:
+        yield
+    finally:
+        for m, branches in lifted.items():
+            m.lora_branches = branches
 
 
 @register_layer_type("linear")
 class QuantLinear(QuantModule):
     """A Linear whose weight is stored quantized per ``scheme`` (see config.LayerScheme).
+
+    Deliberately not an ``nn.Linear`` subclass: tools that take any ``nn.Linear`` treat ``weight``
+    as its float matrix; PEFT's default LoRA layer, for one, would merge into the packed integers.
 
     Buffers: ``weight`` (int8 ``[N, K]`` for 8 bits, uint8 ``[N, packed_width(K, b)]`` packed for
     fewer, float8 e4m3 ``[N, K]`` for fp8), ``weight_scale`` float32 ``[N, G]``, optional
@@ -231,30 +307,6 @@ class QuantLinear(QuantModule):
             w = w / self.smooth_scale.float()
         return w
 
-    def encode_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """Re-encode a float ``[N, K]`` weight in the original input basis (e.g. this layer's
-        ``effective_weight()`` plus a merged LoRA delta) into this layer's stored format, keeping its
-        scales, zero points, smoothing and rotation fixed. Values beyond the scales' range clamp.
-        Returns the tensor to store as ``weight``; ``encode_weight(effective_weight())`` gives back
-        the stored weight."""
-        from ..kernels import reference
-
-        w = weight.float().to(self.weight_scale.device)
-        if self.smooth_scale is not None:
-            w = w * self.smooth_scale.float()
-        if self.rotation_signs is not None:
-            w = reference.block_hadamard(w, self.rotation_signs, self.rotation_block)
-        s = self.scheme
-        if s.weight_format == "fp8":
-            return (w / self.weight_scale).clamp(-qz.FP8_MAX, qz.FP8_MAX).to(qz.FP8_DTYPE)
-        if s.weight_symmetric:
-            q = qz.quantize(w, self.weight_scale, None, s.weight_bits, True)
-        else:  # stored zero points are offset to signed, as in from_quantized
-            half = 2 ** (s.weight_bits - 1)
-            q = qz.quantize(w, self.weight_scale, self.weight_zero_point + half, s.weight_bits, False)
-            q = (q.to(torch.int16) - half).to(torch.int8)
-        return qz.pack_bits(q, s.weight_bits)
-
     def format_name(self) -> str:
         return self.scheme.name
 
@@ -271,7 +323,7 @@ class QuantLinear(QuantModule):
                 smooth=self.smooth_scale, rotation_signs=self.rotation_signs, rotation_block=self.rotation_block)
         except qz.NonFiniteError as e:
             raise qz.NonFiniteError(f"layer {self.layer_name or '<unnamed>'}: input {e}") from None
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.with_branches(x, y.reshape(*x.shape[:-1], self.out_features))
 
     def extra_repr(self) -> str:
         extras = []
@@ -391,7 +443,7 @@ class CodebookLinear(QuantModule):
                                         act_bits=self.act_bits)
         except qz.NonFiniteError as e:
             raise qz.NonFiniteError(f"layer {self.layer_name or '<unnamed>'}: input {e}") from None
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.with_branches(x, y.reshape(*x.shape[:-1], self.out_features))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -13,6 +13,7 @@ from .metrics import sqnr
 from .methods import get_method
 from .models import LayerInfo, select_layers, set_submodule
 from .progress import ProgressHook, reporting, report
+from .serialization import mark_quantized
 
 
 @dataclass
@@ -124,5 +125,5 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationData
                              f"on a different model or layer selection")
     with torch.no_grad(), reporting(on_progress):
         method.apply(ctx)
-    model.ditq_state = {"method": config.method, "recipe": config.to_dict(), "method_state": ctx.method_state}
+    mark_quantized(model, {"method": config.method, "recipe": config.to_dict(), "method_state": ctx.method_state})
     return ctx.report

@@ -23,11 +23,12 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from . import distributed as dist
 from .layers import LAYER_TYPES, QuantModule
 
 FORMAT_VERSION = 1
@@ -37,6 +38,10 @@ CONFIG_NAME = "config.json"
 
 class CheckpointError(ValueError):
     """A quantized checkpoint is missing, truncated, tampered with or of an unknown format."""
+
+
+class HubError(OSError):
+    """The Hub could not be asked (offline, no network) or answered no (repo or revision not found)."""
 
 
 # -- low level -------------------------------------------------------------------------------
@@ -58,6 +63,7 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+@dist.main_only
 def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -65,10 +71,12 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path, metadata: dict[str,
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+@dist.main_only
 def atomic_write_text(text: str, path) -> None:
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
+@dist.main_only
 def atomic_write_bytes(data: bytes, path) -> None:
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
@@ -129,11 +137,38 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         w, a = _ct_args(g["scheme"])
         config_groups[f"group_{i}"] = {"targets": [f"re:^{re.escape(t)}$" for t in g["targets"]],
                                        "weights": w, "input_activations": a}
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, QuantModule)]
     state = getattr(model, "ditq_state", {})
     return {"quant_method": "ditq", "format_version": FORMAT_VERSION, "method": state.get("method"),
             "recipe": state.get("recipe"), "method_state": state.get("method_state", {}),
+            "torch_dtype": str(compute_dtype(model)).removeprefix("torch."),
             "config_groups": config_groups, "ignore": ignore, "layers": specs}
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of ``model``'s full-precision floating tensors outside quantized layers (diffusers'
+    ``_pre_quantization_dtype``); float32 if it has none."""
+    every = {n for n, m in model.named_modules() if isinstance(m, QuantModule)}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and name.rpartition(".")[0] not in every:
+            return t.dtype
+    return torch.float32
+
+
+# Adapters register here what their framework needs a quantized model to carry (the diffusers
+# adapter, pipelines/quantizer.py, adds diffusers' own marks); the core never imports them.
+MARKERS: list[Callable[[nn.Module], None]] = []
+
+
+def mark_quantized(model: nn.Module, state: dict[str, Any]) -> None:
+    """The one place that makes ``model`` "a ditq-quantized model", for every entry path (quantize,
+    the loaders, the ComfyUI nodes): it records ``state`` (method, recipe, method_state) and runs
+    the registered ``MARKERS``, so that e.g. a diffusers model gets diffusers' own marks
+    (``hf_quantizer``, ``quantization_config``, ``is_quantized``), diffusers' ``save_pretrained``
+    writes a checkpoint ``from_pretrained`` reads back, and its dtype rules apply to it."""
+    model.ditq_state = state
+    for marker in MARKERS:
+        marker(model)
 
 
 def _model_config(model: nn.Module) -> dict[str, Any]:
@@ -146,6 +181,7 @@ def _model_config(model: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in d.items() if not k.startswith("_") or k in ("_class_name", "_diffusers_version")}
 
 
+@dist.main_only
 def save_quantized(model: nn.Module, path, *, model_config: dict[str, Any] | None = None) -> Path:
     """Write a quantized model: a folder (diffusers layout), or one file if ``path`` ends in
     ``.safetensors``. Returns the path written. ``model_config`` replaces the config read from
@@ -154,6 +190,12 @@ def save_quantized(model: nn.Module, path, *, model_config: dict[str, Any] | Non
     >>> save_quantized(pipe.transformer, "pixart-w8a8")
     """
     path = Path(path)
+    with_lora = [n for n, m in model.named_modules() if isinstance(m, QuantModule) and m.lora_branches]
+    if with_lora:
+        raise ValueError(f"cannot save: layer {with_lora[0]!r} carries LoRA branches "
+                         f"{sorted(model.get_submodule(with_lora[0]).lora_branches)}; a ditq file holds the "
+                         f"quantized model only. Remove them first (PEFT: unmerge or delete the adapter) "
+                         f"and save the adapter on its own")
     qcfg = quantization_config(model)
     tensors = model.state_dict()
     for k, t in tensors.items():
@@ -197,9 +239,11 @@ def check_quantization_config(qcfg: Any, source: str) -> dict[str, Any]:
 
 
 def prepare_quantized_modules(model: nn.Module, qcfg: dict[str, Any], source: str,
-                              dtype: torch.dtype = torch.float32) -> None:
+                              dtype: torch.dtype = torch.float32, *, mark: bool = True) -> None:
     """Swap the layers named in ``qcfg`` for empty quantized modules (on the meta device), ready
-    for ``load_quantized_state``. Used by load_quantized, the diffusers backend and the nodes."""
+    for ``load_quantized_state``. Used by load_quantized, the diffusers backend and the nodes.
+    ``mark=False`` leaves :func:`mark_quantized` to the caller (diffusers' loader marks the model
+    itself once the weights are in)."""
     from .models import set_submodule
 
     for name, spec in qcfg["layers"].items():
@@ -215,15 +259,27 @@ def prepare_quantized_modules(model: nn.Module, qcfg: dict[str, Any], source: st
         set_submodule(model, name, mod)
     for layer_type in {spec["layer_type"] for spec in qcfg["layers"].values()}:
         LAYER_TYPES[layer_type].attach(model)
-    model.ditq_state = {"method": qcfg.get("method"), "recipe": qcfg.get("recipe"),
-                        "method_state": qcfg.get("method_state", {})}
+    state = {"method": qcfg.get("method"), "recipe": qcfg.get("recipe"),
+             "method_state": qcfg.get("method_state", {})}
+    if mark:
+        mark_quantized(model, state)
+    else:
+        model.ditq_state = state
+
+
+def stored_dtype(qcfg: dict[str, Any]) -> torch.dtype | None:
+    """The dtype of a checkpoint's full-precision tensors (None for files written before ditq recorded it)."""
+    dtype = getattr(torch, str(qcfg.get("torch_dtype")), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def load_quantized_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str,
-                         torch_dtype: torch.dtype | None = None) -> nn.Module:
+                         torch_dtype: torch.dtype | None = None, keep_fp32: Sequence[str] = ()) -> nn.Module:
     """Validate ``tensors`` against ``model``'s expected keys, shapes and dtypes, then assign them.
 
-    Quantized buffers keep their stored dtype; other floating tensors are cast to ``torch_dtype``.
+    Quantized buffers keep their stored dtype; other floating tensors are cast to ``torch_dtype``,
+    except those of modules named in ``keep_fp32`` (diffusers' ``_keep_in_fp32_modules``: a name
+    matches as a dotted component, as diffusers matches it), which load as float32.
     """
     expected = model.state_dict(keep_vars=True)
     missing = sorted(set(expected) - set(tensors))
@@ -242,11 +298,13 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, torch.Tensor], sou
         if key in fixed:
             if t.dtype != ref.dtype:
                 raise CheckpointError(f"{source}: tensor {key!r} has dtype {t.dtype}, expected {ref.dtype}")
+        elif t.is_floating_point() and any(m in key.split(".") for m in keep_fp32):
+            t = t.to(torch.float32)
         elif t.is_floating_point() and torch_dtype is not None:
             t = t.to(torch_dtype)
         elif t.is_floating_point() != ref.is_floating_point():
             raise CheckpointError(f"{source}: tensor {key!r} has dtype {t.dtype}, expected a {ref.dtype}-like tensor")
-        loaded[key] = t
+        loaded[key] = t.clone()  # own, aligned memory: a view into the file's buffer can change float results
     model.load_state_dict(loaded, strict=True, assign=True)
     for name, mod in every.items():
         scale = getattr(mod, "weight_scale", None)
@@ -291,16 +349,50 @@ def build_empty_model(model_config: dict[str, Any], source: str) -> nn.Module:
         return cls.from_config(cfg)
 
 
+_REPO_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")
+
+
+def is_repo_id(source: str) -> bool:
+    """``org/name`` that is not an existing local path: the Hub is asked."""
+    return bool(_REPO_ID.fullmatch(source)) and not Path(source).exists()
+
+
+def local_path_missing(source: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{source}: local path does not exist"
+                             + ("" if "/" in source or "\\" in source else " (a Hub repo id reads 'org/name')"))
+
+
+def hub_error(repo: str, error: Exception, *, revision=None, local_files_only=False) -> Exception:
+    """A clear error for a failed Hub request, one per cause; ``error`` itself if it is none of them."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(error, RevisionNotFoundError):
+        return HubError(f"{repo}: revision {revision!r} not found on the Hub (a branch, tag or commit of the repo)")
+    if isinstance(error, RepositoryNotFoundError):
+        return HubError(f"{repo}: repo not found on the Hub (or private or gated: pass token=...)")
+    if isinstance(error, LocalEntryNotFoundError):
+        if local_files_only or constants.HF_HUB_OFFLINE:
+            why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE=1"
+            return HubError(f"{repo}: offline ({why}) and not in the local Hub cache; download it once online")
+        return HubError(f"{repo}: could not reach the Hub ({error.__cause__ or error}) and it is not in the "
+                        "local Hub cache; check the network or HF_ENDPOINT")
+    return error
+
+
 def _resolve_folder(path_or_repo: str, *, subfolder: str | None, revision, cache_dir, local_files_only) -> Path:
     p = Path(path_or_repo)
     if not p.exists():
-        if p.suffix == ".safetensors" or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)):
-            raise CheckpointError(f"{path_or_repo}: no such file or folder (and not a Hub repo id)")
+        if p.suffix == ".safetensors" or not is_repo_id(str(path_or_repo)):
+            raise local_path_missing(str(path_or_repo))
         from huggingface_hub import snapshot_download
 
         patterns = [f"{subfolder}/*", "model_index.json"] if subfolder else None
-        p = Path(snapshot_download(str(path_or_repo), revision=revision, cache_dir=cache_dir,
-                                   local_files_only=local_files_only, allow_patterns=patterns))
+        try:
+            p = Path(snapshot_download(str(path_or_repo), revision=revision, cache_dir=cache_dir,
+                                       local_files_only=local_files_only, allow_patterns=patterns))
+        except Exception as e:
+            raise hub_error(str(path_or_repo), e, revision=revision, local_files_only=local_files_only) from e
         if subfolder is None and (p / "transformer" / CONFIG_NAME).is_file():
             subfolder = "transformer"
     elif subfolder is None and not (p / CONFIG_NAME).is_file() and (p / "transformer" / CONFIG_NAME).is_file():
@@ -317,6 +409,8 @@ def load_quantized(path_or_repo, torch_dtype: torch.dtype | None = None, *, subf
     """
     p = Path(path_or_repo)
     if p.suffix == ".safetensors":
+        if not p.exists():
+            raise local_path_missing(str(p))
         tensors, qcfg, model_cfg = read_single_file(p)
         source = str(p)
     else:
@@ -334,7 +428,8 @@ def load_quantized(path_or_repo, torch_dtype: torch.dtype | None = None, *, subf
         tensors, _ = read_safetensors(folder / WEIGHTS_NAME)
     check_quantization_config(qcfg, source)
     model = build_empty_model(model_cfg, source)
-    compute = torch_dtype or torch.float32
-    prepare_quantized_modules(model, qcfg, source, dtype=compute)
-    load_quantized_state(model, tensors, source, torch_dtype)
+    dtype = torch_dtype or stored_dtype(qcfg)  # None: files from before ditq recorded it keep their dtypes
+    prepare_quantized_modules(model, qcfg, source, dtype=dtype or torch.float32, mark=False)
+    load_quantized_state(model, tensors, source, dtype, keep_fp32=getattr(model, "_keep_in_fp32_modules", None) or ())
+    mark_quantized(model, model.ditq_state)
     return model.to(device).eval()

@@ -30,6 +30,14 @@ def tiny_pipe(builtin):
 
 
 @pytest.fixture(scope="session")
+def fp_dir(tiny_pipe, tmp_path_factory):
+    """The tiny PixArt-α pipeline saved by stock diffusers: a full-precision repo folder."""
+    path = tmp_path_factory.mktemp("fp") / "tiny-pixart"
+    tiny_pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def stress_pipe(builtin):
     return _quiet(builtin.stress_pixart_pipeline())
 

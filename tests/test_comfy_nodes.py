@@ -261,31 +261,180 @@ def test_native_export(comfy):
         save.execute(model=w4, filename="native_w4", format="comfyui-native", overwrite=True)
 
 
-# -- LoRA / offload contract ----------------------------------------------------------------------
-@pytest.mark.parametrize("preset", ["rtn-w8a8-dynamic", "rtn-w4a8", "rtn-fp8"])
-def test_lora_contract(comfy, preset):
-    qp = comfy.nodes["DitqQuantizeDiT"].execute(model=make_patcher(), preset=preset, weight_bits="preset").args[0]
+# -- LoRA: branches through ComfyUI's own patch life cycle --------------------------------------
+BLOCK_LINEARS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj",
+                 "mlp.fc1", "mlp.fc2")
+
+
+def lora_file(patcher, seed, rank=4, size=0.15):
+    """A kohya-style LoRA (lora_unet_* keys, alpha = rank) on every block Linear of ``patcher``; at
+    ``size`` 0.15 it changes the FP sample by 4 % at strength 0.1 and 39 % at 1, as the rank-4 LoRA
+    measured in a real ComfyUI on the tiny PixArt-Sigma does (issue 17)."""
+    g = torch.Generator().manual_seed(seed)
+    dm, sd = patcher.model.diffusion_model, {}
+    for b in range(len(dm.blocks)):
+        for lin in BLOCK_LINEARS:
+            layer = dm.get_submodule(f"blocks.{b}.{lin}")
+            key = f"lora_unet_blocks_{b}_{lin.replace('.', '_')}"
+            sd[f"{key}.lora_up.weight"] = torch.randn(layer.out_features, rank, generator=g) * size
+            sd[f"{key}.lora_down.weight"] = torch.randn(rank, layer.in_features, generator=g) * layer.in_features ** -0.5
+            sd[f"{key}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def with_lora(patcher, lora, strength):
+    """What LoraLoaderModelOnly does with a loaded file."""
+    import comfy.sd
+
+    return comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0)[0]
+
+
+def codebook_patcher(fp):
+    """fp's block Linears as 4-bit per-channel k-means codebooks (Qua²SeDiMo's K-Means-C)."""
+    from ditq.nodes.comfy_adapter import _new_patcher
+    from ditq.quant_core.layers import CodebookLinear
+    from ditq.quant_core.models import set_submodule
+    from ditq.quant_core.methods.qua2sedimo.options import kmeans_codebook
+
+    base = copy.deepcopy(fp.model)
+    for name, mod in list(base.diffusion_model.named_modules()):
+        if name.startswith("blocks.") and isinstance(mod, torch.nn.Linear):
+            idx, book = kmeans_codebook(mod.weight.detach(), 4, per_channel=True)
+            set_submodule(base.diffusion_model, name, CodebookLinear.from_assignment(mod, idx, book, 4, name=name))
+    return _new_patcher(base, like=fp)
+
+
+def switch_patcher(fp):
+    """rtn-w8a8-dynamic, with blocks.0.mlp.fc1 a timestep switch (8 bits early, 4 late)."""
+    from ditq import QuantConfig, quantize
+    from ditq.nodes.comfy_adapter import _new_patcher
+    from ditq.quant_core.methods.vidit_q.switching import TimestepSwitchLinear, track_timesteps
+
+    base = copy.deepcopy(fp.model)
+    quantize(base.diffusion_model, QuantConfig.preset("rtn-w8a8-dynamic"), progress=False)
+    fc1 = base.diffusion_model.blocks[0].mlp.fc1
+    base.diffusion_model.blocks[0].mlp.fc1 = TimestepSwitchLinear([fc1], [500.0], [(0, 8), (0, 4)])
+    track_timesteps(base.diffusion_model)
+    return _new_patcher(base, like=fp)
+
+
+def quantized_patcher(comfy, fp, kind):
+    if kind == "codebook":
+        return codebook_patcher(fp)
+    if kind == "switch":
+        return switch_patcher(fp)
+    return comfy.nodes["DitqQuantizeDiT"].execute(model=fp, preset=kind, weight_bits="preset").args[0]
+
+
+def packed_state(patcher):
+    return {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+
+
+# How much further (FP+LoRA) vs (quantized+LoRA) may be than FP vs quantized. The branch itself is
+# exact (test_lora.py); what remains is quantization noise on the trajectory the LoRA moved: fp8
+# activations measure 1.18x at strength 1 on this random stand-in model, the others <= 1.08x.
+LORA_ERROR_GROWTH = {"rtn-fp8": 1.25}
+
+
+@pytest.mark.parametrize("kind", ["rtn-w8a8-dynamic", "rtn-w4a8", "rtn-fp8", "codebook", "switch"])
+def test_lora_on_quantized_model_behaves_as_on_fp(comfy, kind):
+    """Stock LoRA loading on a ditq MODEL: branches, not re-encoded weights. The LoRA's effect is
+    within 10 % of the FP model's at strengths 0.1 and 1, two stacked LoRAs and removing one behave
+    as on FP, and removing all gives the quantized model back bit for bit."""
+    fp = make_patcher(depth=2)
+    qp = quantized_patcher(comfy, fp, kind)
+    lora_a, lora_b = lora_file(fp, seed=10), lora_file(fp, seed=11)
+    packed = packed_state(qp)
+    fp_out, q_out = sample(comfy, fp), sample(comfy, qp)
+    q_err = rel(q_out, fp_out)
+    for strength in (0.1, 1.0):
+        fp_l = sample(comfy, with_lora(fp, lora_a, strength))
+        q_l = sample(comfy, with_lora(qp, lora_a, strength))
+        fp_effect, q_effect = rel(fp_l, fp_out), rel(q_l, q_out)
+        assert abs(q_effect - fp_effect) <= 0.1 * fp_effect, (strength, fp_effect, q_effect)
+        assert rel(q_l, fp_l) <= LORA_ERROR_GROWTH.get(kind, 1.1) * q_err, (strength, rel(q_l, fp_l), q_err)
+    one = with_lora(qp, lora_a, 1.0)
+    two = with_lora(one, lora_b, -0.5)
+    fp_two = sample(comfy, with_lora(with_lora(fp, lora_a, 1.0), lora_b, -0.5))
+    q_two = sample(comfy, two)
+    assert rel(q_two, fp_two) <= LORA_ERROR_GROWTH.get(kind, 1.1) * q_err
+    assert abs(rel(q_two, q_out) - rel(fp_two, fp_out)) <= 0.1 * rel(fp_two, fp_out)
+    dm = qp.model.diffusion_model
+    for b in range(2):
+        for lin in BLOCK_LINEARS:
+            assert list(dm.get_submodule(f"blocks.{b}.{lin}").lora_branches) == ["comfy:0", "comfy:1"], lin
+    layer = dm.blocks[1].mlp.fc2
+    assert sum(b.down.nbytes + b.up.nbytes for b in layer.lora_branches.values()) == 2 * 4 * (256 + 64) * 4
+    q_one = sample(comfy, one)
+    torch.testing.assert_close(q_one, sample(comfy, with_lora(qp, lora_a, 1.0)), rtol=0, atol=0)
+    assert list(layer.lora_branches) == ["comfy:0"]
+    assert torch.equal(sample(comfy, qp), q_out), "removing every LoRA must restore the quantized model"
+    assert not layer.lora_branches
+    after = packed_state(qp)
+    assert all(torch.equal(packed[k], after[k]) for k in packed), "a LoRA must not touch the packed weights"
+
+
+def test_lora_under_lowvram_and_partial_unload(comfy):
+    """Offloaded (lowvram) layers carry the LoRA as branches too, never LowVramPatch weight functions,
+    and a partial unload does not add the patch a second time."""
+    fp = make_patcher()
+    qp = quantized_patcher(comfy, fp, "rtn-w4a8")
+    lq = with_lora(qp, lora_file(fp, seed=10), 1.0)
+    full = sample(comfy, lq)
+    comfy.mm.LOWVRAM_BUDGET = 1
+    try:
+        low = sample(comfy, with_lora(qp, lora_file(fp, seed=10), 1.0))
+    finally:
+        comfy.mm.LOWVRAM_BUDGET = None
+    assert qp.model.model_lowvram
+    torch.testing.assert_close(low, full, rtol=0, atol=0)
+    sample(comfy, lq)
+    lq.partially_unload(torch.device("cpu"), memory_to_free=1 << 40)
+    layer = qp.model.diffusion_model.blocks[0].attn.qkv
+    assert layer.weight_function == [] and list(layer.lora_branches) == ["comfy:0"]
+    x = torch.randn(3, 64)
+    without = layer.lora_branches.pop("comfy:0")
+    y_q = layer(x)
+    layer.lora_branches["comfy:0"] = without
+    y = layer(x)
+    delta = (x @ without.down) @ without.up * without.scale
+    torch.testing.assert_close(y - y_q, delta, rtol=1e-4, atol=1e-5)
+
+
+def test_non_lora_patch_is_exact_and_never_requantizes(comfy):
+    """A full-difference patch (not low rank) runs as a dense change on the dequantized weight;
+    the stored weight stays as it was and ComfyUI's merge entry point refuses to re-round."""
+    from ditq.nodes.comfy_adapter import ComfyAdapterError
+
+    fp = make_patcher()
+    qp = quantized_patcher(comfy, fp, "rtn-w4a8")
     layer = qp.model.diffusion_model.blocks[0].mlp.fc1
-    stored = layer.weight.detach().clone()
-    assert isinstance(layer.weight, torch.nn.Parameter) and not layer.weight.requires_grad
-    assert "diffusion_model.blocks.0.mlp.fc1.weight" in qp.model.state_dict()
-    w = layer.convert_weight(stored.float())
-    torch.testing.assert_close(w, layer.effective_weight())
-    assert torch.equal(layer.set_weight(w, return_weight=True), stored), "re-encoding must be lossless"
     x = torch.randn(5, 64)
-    delta = torch.randn_like(w) * 0.01
-    layer.weight_function = [lambda t: t + delta]   # lowvram path: dequantized weight + patch
-    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w + delta, layer.bias))
-    layer.weight_function = []
-    layer.set_weight(w + delta)                      # full-load path: merged and re-encoded
-    target, scale = w + delta, layer.weight_scale           # per-row scales [N, 1], kept fixed
-    if preset == "rtn-fp8":
-        limit, bound = scale * 448, target.abs() / 16 + scale * 2.0 ** -9
-    else:
-        limit, bound = scale * (2 ** (layer.scheme.weight_bits - 1) - 1), scale / 2
-    excess = (target.abs() - limit).clamp_min(0)               # LoRA beyond the range clamps
-    assert ((layer.effective_weight() - target).abs() <= bound * 1.001 + excess + 1e-7).all()
-    assert not torch.equal(layer.weight, stored)
+    base_y = layer(x)
+    diff = torch.randn(256, 64) * 0.01
+    patched = qp.clone()
+    patched.add_patches({"diffusion_model.blocks.0.mlp.fc1.weight": ("diff", (diff,))}, 0.5)
+    sample(comfy, patched)
+    torch.testing.assert_close(layer(x), base_y + 0.5 * x @ diff.T, rtol=1e-4, atol=1e-5)
+    sample(comfy, qp)
+    assert torch.equal(layer(x), base_y) and layer.weight_function == []
+    with pytest.raises(ComfyAdapterError, match="re-round"):
+        layer.set_weight(layer.convert_weight(layer.weight))
+    assert torch.equal(layer.set_weight(diff, return_weight=True), diff)
+
+
+def test_quantized_save_ignores_patches_and_stand_ins(comfy):
+    """Saving a MODEL while a LoRA clone is patched in writes the bare quantized model; codebook
+    layers' empty weight stand-ins stay out of the file."""
+    save, load = comfy.nodes["DitqSaveQuantizedDiT"], comfy.nodes["DitqLoadQuantizedDiT"]
+    fp = make_patcher()
+    qp = codebook_patcher(fp)
+    assert qp.model.diffusion_model.blocks[0].attn.qkv.weight.numel() == 0
+    q_out = sample(comfy, qp)
+    sample(comfy, with_lora(qp, lora_file(fp, seed=10), 1.0))
+    save.execute(model=qp, filename="cb_lora", format="ditq", overwrite=True)
+    loaded = load.execute(model_name="cb_lora.safetensors").args[0]
+    torch.testing.assert_close(sample(comfy, loaded), q_out, rtol=0, atol=0)
 
 
 # -- workflows ------------------------------------------------------------------------------------
@@ -415,7 +564,7 @@ def test_quantize_uses_own_weights_when_an_earlier_lora_stayed_applied(comfy):
     lora = plain.clone()
     dm = plain.model.diffusion_model
     keys = [f"diffusion_model.{n}.weight" for n in ("blocks.0.attn.qkv", "blocks.1.mlp.fc2")]
-    lora.add_patches({k: torch.randn_like(plain.model.get_parameter(k)) * 0.05 for k in keys})
+    lora.add_patches({k: ("diff", (torch.randn_like(plain.model.get_parameter(k)) * 0.05,)) for k in keys})
     lora.patch_model()                       # the LoRA prompt sampled and left its patches applied
     assert not torch.equal(dm.blocks[0].attn.qkv.weight, lora.backup[keys[0]].weight)
     qp = comfy.nodes["DitqQuantizeDiT"].execute(model=plain, preset="rtn-w8a8-dynamic", weight_bits="preset").args[0]

@@ -141,3 +141,14 @@ def test_bad_repo_content_gives_a_clear_error(published, qpipe, case, tmp_path):
     hf.upload_folder(repo_id=repo, folder_path=folder)
     with pytest.raises((OSError, ValueError), match=message):
         QuantizedPixArtPipeline.from_pretrained(repo, cache_dir=tmp_path / "cache")
+
+
+def test_unknown_repo_and_revision_each_say_so(published, tmp_path):
+    from ditq import QuantizedPixArtPipeline, load_quantized
+    from ditq.quant_core.serialization import HubError
+
+    for load in (QuantizedPixArtPipeline.from_pretrained, load_quantized):
+        with pytest.raises(HubError, match="org/no-such-repo: repo not found on the Hub"):
+            load("org/no-such-repo", cache_dir=tmp_path)
+        with pytest.raises(HubError, match=f"{FULL}: revision 'no-such-branch' not found on the Hub"):
+            load(FULL, revision="no-such-branch", cache_dir=tmp_path)

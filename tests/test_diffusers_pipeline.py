@@ -32,13 +32,6 @@ def rel_l2(a, b):
 
 
 @pytest.fixture(scope="module")
-def fp_dir(tiny_pipe, tmp_path_factory):
-    path = tmp_path_factory.mktemp("fp") / "tiny-pixart"
-    tiny_pipe.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def qpipe(fp_dir, call_kwargs):
     """Quantized on load with calibration (static activation scales need it) and fidelity measured."""
     from ditq import QuantizedPixArtPipeline
@@ -191,14 +184,6 @@ def test_dit_pipeline(dit_pipe, fresh, builtin, tmp_path):
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
     card = (tmp_path / "dit" / "README.md").read_text()
     assert "pipeline_tag: unconditional-image-generation" in card and "- dit" in card
-
-
-def test_on_the_fly_quantization_through_diffusers_is_refused(fp_dir):
-    from ditq.pipelines.quantizer import DitqConfig
-    from diffusers import PixArtTransformer2DModel
-
-    with pytest.raises(ValueError, match="calibrated method pass"):
-        PixArtTransformer2DModel.from_pretrained(fp_dir, subfolder="transformer", quantization_config=DitqConfig())
 
 
 def test_torch_compile_transformer(q_dir, q_out, call_kwargs):

@@ -63,9 +63,10 @@ def rel_err(y, y_ref):
     return ((y.double() - y_ref.double()).abs().max() / y_ref.double().abs().max()).item()
 
 
-def quantized_weight(n, k, bits, group_size, symmetric, seed):
+def quantized_weight(n, k, bits, group_size, symmetric, seed, per_tensor=False):
     """Packed weight as QuantLinear stores it (asymmetric values offset to signed)."""
-    q, s, z = qz.quantize_weight(rand(n, k, seed=seed), bits, symmetric=symmetric, group_size=group_size)
+    q, s, z = qz.quantize_weight(rand(n, k, seed=seed), bits, symmetric=symmetric, group_size=group_size,
+                                 per_tensor=per_tensor)
     if not symmetric:
         q, z = q.to(torch.int16) - 2 ** (bits - 1), z - 2 ** (bits - 1)
     return qz.pack_bits(q.to(torch.int8), bits), s, z
@@ -135,13 +136,13 @@ def test_int_gemm(bits, group_size, symmetric):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_int_gemm_ragged_k_static_and_per_tensor(bits):
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int_gemm_ragged_k_static_and_per_tensor(bits, symmetric):
     k = 100  # not a multiple of the K-step (nor of 8 for the packed int4 rows)
-    q, sw, _ = qz.quantize_weight(rand(N, k, seed=20 + bits), bits, per_tensor=True)
-    w = qz.pack_bits(q, bits)
+    w, sw, zw = quantized_weight(N, k, bits, None, symmetric, seed=20 + bits, per_tensor=True)  # [1, 1] scales
     xq, sx = ref.act_quant_static(rand(M, k, seed=21), torch.tensor([0.01]), 8)  # [M, 1] stride-0 view
-    y = gm.int_gemm(xq, sx, w, sw, None, None, bits=bits, in_features=k, out_dtype=torch.float32)
-    y_ref = ref.int_gemm(xq, sx, w, sw, None, None, bits=bits, in_features=k, out_dtype=torch.float32)
+    y = gm.int_gemm(xq, sx, w, sw, zw, None, bits=bits, in_features=k, out_dtype=torch.float32)
+    y_ref = ref.int_gemm(xq, sx, w, sw, zw, None, bits=bits, in_features=k, out_dtype=torch.float32)
     assert rel_err(y, y_ref) < 1e-6
 
 
@@ -154,6 +155,17 @@ def test_int_gemm_exact_int32_accumulation():
     assert torch.equal(y, (xq.double() @ wq.double().t()).float())
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int_gemm_groups_spanning_several_k_steps(bits):
+    """Group size 64 over 32-deep K-steps: each group's scales and its zero-point term apply once."""
+    m, k, n = 21, 192, 48
+    w, sw, zw = quantized_weight(n, k, bits, 64, False, seed=33 + bits)
+    xq, sx = ref.act_quant(rand(m, k, seed=34), 8, 64)
+    args = (xq, sx, w, sw, zw, None)
+    y = gm.int_gemm(*args, bits=bits, in_features=k, out_dtype=torch.float32)
+    assert rel_err(y, ref.int_gemm(*args, bits=bits, in_features=k, out_dtype=torch.float32)) < 1e-6
+
+
 def test_fp8_gemm():
     for k in (96, 100):
         xq, sx = ref.act_quant_fp8(rand(M, k, seed=40, scale=5.0))
@@ -161,6 +173,47 @@ def test_fp8_gemm():
         bias = rand(N, seed=42)
         y = gm.fp8_gemm(xq, sx, wq, sw, bias, out_dtype=torch.float32)
         assert rel_err(y, ref.fp8_gemm(xq, sx, wq, sw, bias, out_dtype=torch.float32)) < 1e-6
+
+
+def _truncate(v: torch.Tensor, mantissa_bits: int) -> torch.Tensor:
+    """Round toward zero to ``mantissa_bits`` bits after the leading one."""
+    m, e = torch.frexp(v)
+    scale = 2.0 ** (mantissa_bits + 1)
+    return torch.ldexp(torch.trunc(m * scale) / scale, e)
+
+
+def hopper_fp8_accumulate(products: torch.Tensor, promote_every: int) -> torch.Tensor:
+    """A model of sm_90's FP8 wgmma accumulation (float64 in, last dim K): each k32 instruction's
+    32 products are added to a partial sum kept with FP8_ACC_MANTISSA bits (truncated), which is
+    added into an exact sum every ``promote_every`` products (Triton's ``max_num_imprecise_acc``)."""
+    chunks = products.reshape(*products.shape[:-1], -1, 32).sum(-1)
+    partial = torch.zeros(products.shape[:-1], dtype=torch.float64)
+    total = torch.zeros_like(partial)
+    for j in range(chunks.shape[-1]):
+        partial = _truncate(partial + chunks[..., j], gm.FP8_ACC_MANTISSA)
+        if (j + 1) * 32 % promote_every == 0:
+            total, partial = total + partial, torch.zeros_like(partial)
+    return total + partial
+
+
+def test_fp8_gemm_error_bound_at_k4608():
+    """The documented bound (gm.fp8_error_bound) holds against float64 at K = 4608 for the kernel (the
+    interpreter accumulates in fp32, so this checks scales and the promoted loop, not the tensor
+    core) and for a model of the sm_90 accumulator with the kernel's promotion interval."""
+    m, k, n = 5, 4608, 40
+    xq, sx = ref.act_quant_fp8(rand(m, k, seed=43, scale=3.0) + 0.5)  # a mean: sums grow with K
+    wq, sw = qz.quantize_fp8(rand(n, k, seed=44) + 0.3, per_row=True)
+    products = xq.double()[:, None, :] * wq.double()[None, :, :]
+    exact = products.sum(-1) * sx.double() * sw.double().t()
+    bound = gm.fp8_error_bound(products.abs().sum(-1), k) * sx.double() * sw.double().t()
+    y = gm.fp8_gemm_triton(xq, sx, wq, sw, None, out_dtype=torch.float32)
+    assert ((y.double() - exact).abs() <= bound).all()
+    promoted = hopper_fp8_accumulate(products, int(gm.FP8_PROMOTE_K)) * sx.double() * sw.double().t()
+    unpromoted = hopper_fp8_accumulate(products, k) * sx.double() * sw.double().t()
+    assert ((promoted - exact).abs() <= bound).all()
+    # what the promotion buys in this model: the whole-K partial sum (Triton's sm_90 default) errs
+    # an order of magnitude more (a worst-case bound 36x looser)
+    assert (unpromoted - exact).abs().mean() > 10 * (promoted - exact).abs().mean()
 
 
 # -- weight-only and codebook ------------------------------------------------------------------------
@@ -179,6 +232,9 @@ def test_weight_only_linear(dtype, fmt):
     assert y.dtype == dtype
     # the weight is decoded to the activation dtype before the MMA; the reference decodes to fp32
     assert rel_err(y, y_ref) < (2e-2 if dtype == torch.bfloat16 else 3e-3)
+    big = rand(gm.FUSED_DECODE_MAX_M + 3, K, seed=54, dtype=dtype)  # decode once, then the dense matmul
+    assert rel_err(gm.weight_only_linear(big, w, sw, zw, bias, **kw),
+                   ref.weight_only_linear(big, w, sw, zw, bias, **kw)) < (2e-2 if dtype == torch.bfloat16 else 3e-3)
 
 
 def codebook_weight(n, k_in, bits, dim, rows, seed):
@@ -201,7 +257,7 @@ def test_codebook_linear(bits, dim):
             y_ref = ref.codebook_linear(x, idx, codebook, bias, bits=bits, in_features=k)
             # fp32: an IEEE dot of the exact fp16 entries; bf16: the entries are rounded to bf16 first
             assert rel_err(y, y_ref) < (1e-5 if dtype == torch.float32 else 2e-2), (rows, dtype)
-    big = rand(gm.CODEBOOK_FUSED_MAX_M + 3, k, seed=64)  # decode-then-matmul path
+    big = rand(gm.FUSED_DECODE_MAX_M + 3, k, seed=64)  # decode-then-matmul path
     y = gm.codebook_linear(big, idx, codebook, bias, bits=bits, in_features=k)
     assert rel_err(y, ref.codebook_linear(big, idx, codebook, bias, bits=bits, in_features=k)) < 1e-5
 
@@ -273,29 +329,55 @@ def test_codebook_layer_triton_equals_torch(act_bits, monkeypatch):
 
 
 # -- compile-only for Hopper -------------------------------------------------------------------
-SM90_CASES = ["w8a8 128x256x128 w8 s4", "w4a8 group asym", "fp8", "w4a16 group", "codebook b6 d2",
-              "codebook b8 d4", "act_quant rot128 k1152"]
+# A representative subset (the full sweep over every autotune candidate: sm90_compile.py --sweep,
+# committed as SWEEP and checked below): each kernel form's largest tile, the tightest fits
+# (255 / 254 registers in the sweep), a grouped tile per weight width and the act_quant kernel.
+SM90_CASES = ["w8a8 128x256x128 w8 s4", "w8a8 asym 256x128x128 w8 s3", "w4a8 128x256x128 w8 s4",
+              "w4a8 g128 asym (Q-DiT) 64x128x128 w4 s4", "w8a8 g128 asym (Q-DiT) 64x128x128 w4 s4",
+              "fp8 128x128x128 w8 s4", "w4a16 g128 asym 128x256x64 w8 s3", "codebook b6 d2 64x128x32 w4 s4",
+              "codebook b8 d4 128x128x64 w8 s4", "act_quant rot128 k1152"]
+SWEEP = Path(__file__).parents[1] / "bench" / "results" / "sm90_spills.md"
+WGMMA = {"w8a8": "s32.s8.s8", "w4a8": "s32.s8.s8", "fp8": "f32.e4m3.e4m3", "w4a16": "f32.bf16.bf16",
+         "codebook": "f32.bf16.bf16"}
+
+
+def _sm90(*args) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile.py")), *args], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
 
 
 def test_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("sm90_compile.py")
-    out = subprocess.run([sys.executable, str(script), *SM90_CASES], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    results = {r["case"]: r for r in map(json.loads, out.stdout.splitlines())}
+    results = {r["case"]: r for r in map(json.loads, _sm90(*SM90_CASES).splitlines())}
     assert set(results) == set(SM90_CASES)
     for name, r in results.items():
         assert "error" not in r, f"{name}: {r.get('error')}"
         assert r["shared"] <= 232448, f"{name}: {r['shared']} B of shared memory exceeds sm_90's 227 KB"
-    expect = {"w8a8 128x256x128 w8 s4": "s32.s8.s8", "w4a8 group asym": "s32.s8.s8", "fp8": "f32.e4m3.e4m3",
-              "w4a16 group": "f32.bf16.bf16", "codebook b6 d2": "f32.bf16.bf16", "codebook b8 d4": "f32.bf16.bf16"}
-    for name, suffix in expect.items():
-        r = results[name]
+        assert r["spill_stores"] == r["spill_loads"] == 0, f"{name}: ptxas spills ({r})"
+        if name.startswith("act_quant"):
+            continue
+        suffix = next(v for k, v in WGMMA.items() if name.startswith(k))
         assert r["wgmma"] and all(i.endswith(suffix) for i in r["wgmma"]), f"{name}: {r['wgmma']}"
         assert r["cp_async"] and not r["mma_sync"], f"{name}: not a pipelined wgmma main loop"
-    for name in ("w4a8 group asym", "w4a16 group", "codebook b6 d2", "codebook b8 d4"):  # decoded in registers
-        assert results[name]["wgmma_a"] == ["RS"], f"{name}: {results[name]['wgmma_a']}"
+        # one K loop, not nested in a per-group loop, waiting on the oldest loads with newer ones in flight
+        assert r["mma_loops"] and all(not lp["nested"] and lp["async_copies"] and lp["waits_in_flight"]
+                                      for lp in r["mma_loops"]), f"{name}: {r['mma_loops']}"
+        decoded = name.startswith(("w4", "codebook"))  # decoded in registers: the left wgmma operand
+        assert r["wgmma_a"] == (["RS"] if decoded else ["SS"]), f"{name}: {r['wgmma_a']}"
+    assert results["fp8 128x128x128 w8 s4"]["max_imprecise_acc"] == [int(gm.FP8_PROMOTE_K)]
+
+
+def test_sweep_covers_every_autotune_candidate_without_spills():
+    """The committed sweep lists every case sm90_compile.py builds now (so a new tile or kernel form
+    means re-running it) and shows no spill and a pipelined MMA loop in any of them."""
+    rows = [r.split("|")[1:-1] for r in SWEEP.read_text().splitlines() if r.startswith("| ") and "---" not in r]
+    table = {f"{r[0].strip()} {r[1].strip()}": r for r in rows[1:]}
+    assert set(_sm90("--list").split("\n")) - {""} <= set(table)
+    for name, r in table.items():
+        assert r[3].strip() == r[4].strip() == "0", f"{name}: spills {r[3]} / {r[4]} B"
+        assert name.startswith("act_quant") or r[7].strip() == "yes", f"{name}: MMA loop not pipelined"
 
 
 def test_hopper_tiles_fit_shared_memory():

@@ -46,9 +46,18 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
 PACKAGES = {name for name, path in project_modules().items() if path.name == "__init__.py"}
 
 
+def lazy_api_modules() -> set[str]:
+    """Modules behind the lazy public API (``_LAZY`` in the root ``__init__``): imported on first use."""
+    tree = ast.parse((ROOT / "__init__.py").read_text())
+    table = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "_LAZY")
+    return {v.value for v in table.values}
+
+
 def graph() -> dict[str, set[str]]:
     mods = project_modules()
-    return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+    g = {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+    g["__init__"] |= lazy_api_modules()
+    return g
 
 
 def test_no_import_cycles():

@@ -48,7 +48,7 @@ def test_search_hits_budget_and_writes_insights(searched):
 
 
 def test_resume_reuses_labels_and_options(searched):
-    from ditq.quant_core.methods.qua2sedimo import search as qs
+    from ditq.quant_core.methods.qua2sedimo import config_search as qs
     from ditq.quant_core.methods.qua2sedimo.options import OptionBank
 
     cfg, result, work = searched

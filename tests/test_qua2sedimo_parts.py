@@ -10,7 +10,7 @@ import torch
 
 from ditq.kernels import reference
 from ditq.quant_core.methods.qua2sedimo import gnn
-from ditq.quant_core.methods.qua2sedimo import search as qs
+from ditq.quant_core.methods.qua2sedimo import config_search as qs
 from ditq.quant_core.layers import CodebookLinear
 from ditq.quant_core.methods.qua2sedimo.options import Option, build_option, kmeans_1d, option_grid, uaq_quantize
 from ditq.quant_core.quantizers import dequantize, packed_width

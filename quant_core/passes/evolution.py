@@ -11,6 +11,10 @@ up to ``population``. Invalid children (failing ``constraint``) are redrawn. The
 Runs are deterministic for a seed, show progress, stop at a time budget, and are resumable: with
 ``state_path`` the full state (population, scores, top-k, generation, RNG state) is written
 atomically after every generation and on interruption, and a later call continues from it.
+
+Under torch.distributed every rank runs the same search (same RNG, same populations) and each
+generation's new genomes are evaluated round-robin across the ranks, their losses shared
+(:func:`..distributed.map_round_robin`); rank 0 alone reads and writes the state file.
 """
 from __future__ import annotations
 
@@ -22,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .. import distributed as dist
 from ..progress import report
-
 Genome = tuple[int, ...]
 STATE_VERSION = 1
 
@@ -139,13 +143,19 @@ class _Search:
                  "rng": [version, list(internal), gauss]}
         atomic_write_text(json.dumps(state), self.state_path)
 
-    def load(self) -> bool:
-        if self.state_path is None or not self.state_path.exists():
-            return False
+    @dist.main_only
+    def _read_state(self) -> dict | None:
+        if not self.state_path.exists():
+            return None
         try:
-            state = json.loads(self.state_path.read_text())
+            return json.loads(self.state_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{self.state_path}: not a search state file ({e})") from None
+
+    def load(self) -> bool:
+        state = None if self.state_path is None else self._read_state()
+        if state is None:
+            return False
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"{self.state_path}: search state version {state.get('version')!r}, "
                              f"expected {STATE_VERSION}")
@@ -169,18 +179,18 @@ class _Search:
         deadline = None if s.time_budget_s is None else time.monotonic() + s.time_budget_s
         finished = True
         bar = tqdm(total=s.generations * s.population, initial=self.generation * s.population,
-                   desc="evolutionary search", disable=not self.progress)
+                   desc="evolutionary search", disable=not self.progress or not dist.is_main())
         try:
             while self.generation < s.generations:
-                for i, g in enumerate(self.population):
-                    report("evolutionary search", self.generation * s.population + i, s.generations * s.population)
-                    if deadline is not None and time.monotonic() > deadline:
-                        finished = False
-                        break
-                    if g not in self.scores:
-                        self.scores[g] = float(self.fitness(g))
+                todo = list(dict.fromkeys(g for g in self.population if g not in self.scores))
+                bar.update(len(self.population) - len(todo))
+                out_of_time = None if deadline is None else lambda: time.monotonic() > deadline
+                for j, (g, loss) in enumerate(dist.map_round_robin(self.fitness, todo, stop=out_of_time)):
+                    self.scores[g] = float(loss)
+                    report("evolutionary search", self.generation * s.population + j + 1, s.generations * s.population)
                     bar.update(1)
-                if not finished:
+                if any(g not in self.scores for g in todo):
+                    finished = False
                     break
                 ranked = sorted(set(self.top) | set(self.population), key=lambda g: (self.scores[g], g))
                 self.top = ranked[:s.top_k]

@@ -107,13 +107,11 @@ def gptq(w: torch.Tensor, h: torch.Tensor, *, bits: int, symmetric: bool = True,
     return q.to(torch.int8 if symmetric else torch.uint8), scales, zeros
 
 
-def gptq_quantize_linear(linear: nn.Linear, scheme: LayerScheme, samples: torch.Tensor, *, name: str = "",
-                         damp: float = 0.01, block_size: int = 128, clip: str = "minmax"):
-    """A :class:`QuantLinear` for ``linear`` whose integer weights GPTQ chose on ``samples``
-    (input rows ``[n, K]``, e.g. calibration statistic ``act_samples``). ``clip``: how each group's
-    range is set, ``"minmax"`` or ``"mse"`` (:func:`quantizers.mse_clip_scale`)."""
-    from ..layers import QuantLinear
-
+def gptq_weights(linear: nn.Linear, scheme: LayerScheme, samples: torch.Tensor, *, name: str = "",
+                 damp: float = 0.01, block_size: int = 128, clip: str = "minmax"):
+    """``(q, scale, zero)`` that GPTQ chooses for ``linear`` under ``scheme`` on ``samples`` (input rows
+    ``[n, K]``, e.g. calibration statistic ``act_samples``). ``clip``: how each group's range is set,
+    ``"minmax"`` or ``"mse"`` (:func:`quantizers.mse_clip_scale`)."""
     if scheme.weight_format != "int" or scheme.weight_granularity == "tensor":
         raise ValueError(f"layer {name!r}: GPTQ quantizes integer weights per channel or group, "
                          f"not {scheme.name}")
@@ -121,8 +119,16 @@ def gptq_quantize_linear(linear: nn.Linear, scheme: LayerScheme, samples: torch.
     if clip not in fns:
         raise ValueError(f"layer {name!r}: unknown clip {clip!r}; expected one of {sorted(fns)}")
     group = scheme.group_size if scheme.weight_granularity == "group" else None
-    q, scale, zero = gptq(linear.weight.detach(), hessian(samples.to(linear.weight.device), name),
-                          bits=scheme.weight_bits, symmetric=scheme.weight_symmetric, group_size=group,
-                          damp=damp, block_size=block_size,
-                          scale_fn=fns[clip](scheme.weight_bits, scheme.weight_symmetric), name=name)
+    return gptq(linear.weight.detach(), hessian(samples.to(linear.weight.device), name),
+                bits=scheme.weight_bits, symmetric=scheme.weight_symmetric, group_size=group,
+                damp=damp, block_size=block_size,
+                scale_fn=fns[clip](scheme.weight_bits, scheme.weight_symmetric), name=name)
+
+
+def gptq_quantize_linear(linear: nn.Linear, scheme: LayerScheme, samples: torch.Tensor, *, name: str = "",
+                         damp: float = 0.01, block_size: int = 128, clip: str = "minmax"):
+    """A :class:`QuantLinear` for ``linear`` whose integer weights :func:`gptq_weights` chose."""
+    from ..layers import QuantLinear
+
+    q, scale, zero = gptq_weights(linear, scheme, samples, name=name, damp=damp, block_size=block_size, clip=clip)
     return QuantLinear.from_quantized(linear, scheme, q, scale, zero, name=name)

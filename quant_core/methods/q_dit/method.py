@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import distributed as dist
 from ... import quantizers as qz
 from ...config import LayerScheme, QuantConfig, check_options, register_preset
-from ...passes.gptq import gptq_quantize_linear
+from ...passes.gptq import gptq_weights
 from ...layers import QuantLinear
 from ...models import LayerInfo, select_layers, set_submodule
 from ...quantizers import mse_clip_scale
@@ -90,22 +91,30 @@ class QDiT:
         opts = options(ctx.config)
         genome = genome_for(ctx.layers, ctx.config)
         check_budget(genome, opts["group_budget"])
-        for name, info in ctx.iter_layers("q-dit"):
-            scheme = layer_scheme(ctx.config, info, genome[name])
-            linear = ctx.linear(name)
+        schemes = {name: layer_scheme(ctx.config, info, genome[name]) for name, info in ctx.layers.items()}
+
+        def weights(name: str):
+            """(q, scale, zero) of one layer: under torch.distributed each layer is computed on one rank."""
+            linear, scheme = ctx.linear(name), schemes[name]
             if opts["weight_quantizer"] == "gptq":
-                samples = ctx.calibration.get(name, "act_samples")
-                layer = gptq_quantize_linear(linear, scheme, samples, name=name, damp=opts["gptq_damp"],
-                                             block_size=opts["gptq_block_size"])
-            elif opts["weight_quantizer"] == "mse":
-                w = linear.weight.detach().float()
+                return gptq_weights(linear, scheme, ctx.calibration.get(name, "act_samples"), name=name,
+                                    damp=opts["gptq_damp"], block_size=opts["gptq_block_size"])
+            w = linear.weight.detach().float()
+            if opts["weight_quantizer"] == "mse":
                 scale, zero = mse_clip_scale(w, scheme.weight_bits, symmetric=scheme.weight_symmetric,
-                                             groups=info.in_features // genome[name])
-                q = qz.quantize(w, scale, zero, scheme.weight_bits, scheme.weight_symmetric)
-                layer = QuantLinear.from_quantized(linear, scheme, q, scale, zero, name=name)
-            else:
-                layer = QuantLinear.from_linear(linear, scheme, name=name)
-            ctx.replace(name, layer)
+                                             groups=w.shape[1] // genome[name])
+                return qz.quantize(w, scale, zero, scheme.weight_bits, scheme.weight_symmetric), scale, zero
+            return qz.quantize_weight(w, scheme.weight_bits, symmetric=scheme.weight_symmetric,
+                                      group_size=scheme.group_size, name=f"{name}.weight")
+
+        def cost(name: str) -> int:  # GPTQ walks K columns of N rows and factors a K x K Hessian
+            return ctx.layers[name].in_features * (ctx.layers[name].in_features + ctx.layers[name].out_features)
+
+        computed = dist.map_balanced(weights, list(ctx.layers), cost=cost)
+        for (name, _), (_, (q, scale, zero)) in zip(ctx.iter_layers("q-dit"), computed):
+            linear = ctx.linear(name)
+            q, scale, zero = (None if t is None else t.to(linear.weight.device) for t in (q, scale, zero))
+            ctx.replace(name, QuantLinear.from_quantized(linear, schemes[name], q, scale, zero, name=name))
         ctx.method_state.update(genome=genome, group_budget=opts["group_budget"],
                                 mean_group_size=sum(genome.values()) / len(genome),
                                 weight_quantizer=opts["weight_quantizer"], search=opts["search"])

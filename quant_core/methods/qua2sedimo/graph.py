@@ -21,7 +21,7 @@ _OP_PATTERNS = (
     (r"(timestep_embedder|t_embedder|time_embed|time_proj)", "T-Emb"),
     (r"(adaln|adaLN|ada_norm|norm1\.linear|norm1\.emb|modulation)", "AdaLN"),
     (r"(caption_projection|y_embedder|context_embedder|text_embed)", "Caption"),
-    (r"(proj_out|final_layer|norm_out\.linear)", "ProjOut"),
+    (r"(^proj_out$|final_layer|norm_out\.linear)", "ProjOut"),  # not Flux's in-block proj_out
     (r"(to_q|q_linear|q_proj)$", "Q"),
     (r"(to_k|k_proj)$", "K"),
     (r"(to_v|v_proj)$", "V"),
@@ -31,7 +31,7 @@ _OP_PATTERNS = (
     (r"(ff\.net\.0\.proj|fc1|mlp\.0|ff\.net\.0)$", "FC1"),
     (r"(ff\.net\.2|fc2|mlp\.2)$", "FC2"),
 )
-_ROLE_PREFIX = {"self_attn": "SA", "cross_attn": "CA", "ffn": "FFN"}
+_ROLE_PREFIX = {"self_attn": "SA", "temporal_attn": "SA", "joint_attn": "SA", "cross_attn": "CA", "ffn": "FFN"}
 OP_TYPES = ("T-Emb", "AdaLN", "Caption", "ProjOut", "SA-Q", "SA-K", "SA-V", "SA-KV", "SA-QKV", "SA-O",
             "CA-Q", "CA-K", "CA-V", "CA-KV", "CA-QKV", "CA-O", "FFN-FC1", "FFN-FC2", "Other")
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from . import search as qs
+from . import config_search as qs
+from ... import distributed as dist
 from ...calibration import SEARCH
 from ...config import QuantConfig, check_options, register_preset
 from ...models import select_layers
@@ -130,7 +131,9 @@ def search(pipe, config: QuantConfig, *, workdir: str | Path | None = None, prog
     options = option_grid(tuple(s["bits"]), tuple(s["methods"]))
     work = Path(workdir) if workdir else None
     bank_path = work / "options.safetensors" if work else None
-    if bank_path and bank_path.exists():
+    found = bank_path is not None and bank_path.exists()
+    dist.barrier()  # every rank looked before rank 0 may write it below
+    if found:
         bank = OptionBank.load(bank_path)
         if bank.layers != list(layers) or bank.options != [o.name for o in options] or bank.act_bits != act_bits_of(config):
             raise ValueError(f"{bank_path} holds options for other layers/options; use another workdir")
@@ -170,7 +173,7 @@ def search(pipe, config: QuantConfig, *, workdir: str | Path | None = None, prog
     out = QuantConfig.from_dict({**config.to_dict(), "options": {**config.options, "assignment": assignment}})
     result = SearchResult(out, assignment, bank.bits(assignment), bank, labels, ens, scored, report, graph)
     if work:
-        write_insights(result, work)
+        dist.main_only(write_insights)(result, work)
     return result
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ... import distributed as dist
 from ...config import LayerScheme
 from ...progress import report
 from ...layers import LAYER_TYPES, CodebookLinear, QuantLinear, QuantModule
@@ -178,18 +179,32 @@ class OptionBank:
     @classmethod
     def build(cls, model: nn.Module, layers, options: list[Option], *, act_bits: int | None = None,
               progress: bool = True) -> "OptionBank":
+        """Every option of every layer; under torch.distributed each layer is built on one rank and
+        its modules shared (through the CPU) with the others."""
         from tqdm.auto import tqdm
 
-        entries, numel, layers = {}, {}, list(layers)
-        for name in tqdm(layers, desc="qua2sedimo options", disable=not progress, leave=False):
+        def row(name: str) -> dict[str, OptionEntry]:
             linear = model.get_submodule(name)
-            numel[name] = linear.weight.numel()
-            report("qua2sedimo options", len(entries), len(layers))
-            row = {}
+            out = {}
             for opt in options:
                 mod = build_option(linear, opt, name=name, act_bits=act_bits)
-                row[opt.name] = OptionEntry(mod, relative_error(linear.weight.detach(), mod), mod.weight_nbytes())
-            entries[name] = row
+                out[opt.name] = OptionEntry(mod, relative_error(linear.weight.detach(), mod), mod.weight_nbytes())
+            return out
+
+        def size(name: str) -> int:
+            return model.get_submodule(name).weight.numel()
+
+        entries, numel = {}, {}
+        names = list(layers)
+        with tqdm(total=len(names), desc="qua2sedimo options", disable=not progress or not dist.is_main(),
+                  leave=False) as bar:
+            for name, built in dist.map_balanced(row, names, cost=size):
+                device = model.get_submodule(name).weight.device
+                for e in built.values():
+                    e.module.to(device)
+                entries[name], numel[name] = built, size(name)
+                bar.update(1)
+                report("qua2sedimo options", len(entries), len(names))
         return cls(entries, numel, act_bits)
 
     @property

@@ -42,8 +42,9 @@ from .switching import (TimestepSwitchLinear, range_index, range_step_counts, ti
 from .. import register_method
 
 # Activation exponent per layer class (regex over the module name, last match wins). 0.3 is the
-# official PixArt config; FFN outputs (fc2, after GELU) take the official DiT value 0.12.
-DEFAULT_ALPHA = {r".*": 0.3, r"(ff\.net\.2|mlp\.fc2)$": 0.12}
+# official PixArt config; FFN outputs (fc2, after GELU) take the official DiT value 0.12 (diffusers
+# ff / Wan ffn / MMDiT ff_context, ComfyUI mlp.fc2).
+DEFAULT_ALPHA = {r".*": 0.3, r"(ff|ffn|ff_context)\.net\.2$|mlp\.fc2$": 0.12}
 SWEEP_ALPHAS = (0.1, 0.3, 0.5, 0.7)  # the official sweep_alpha.py grid
 
 

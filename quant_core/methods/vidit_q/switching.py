@@ -95,7 +95,7 @@ class TimestepSwitchLinear(QuantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v, bits = self.current()
-        return self.variants[v](x, weight_bits=bits)
+        return self.with_branches(x, self.variants[v](x, weight_bits=bits))
 
     def spec(self) -> dict[str, Any]:
         return {"layer_type": self.layer_type, "boundaries": self.boundaries,

@@ -223,7 +223,9 @@ class _BlockOutputs:
 
     def __enter__(self):
         def keep(module, args, output):
-            self.outputs.append(output[0] if isinstance(output, tuple) else output)
+            # MMDiT blocks (Flux, SD3, CogVideoX) return both streams: every tensor is a block output
+            streams = output if isinstance(output, tuple) else (output,)
+            self.outputs.extend(t for t in streams if torch.is_tensor(t))
 
         self.handles = [b.register_forward_hook(keep) for b in self.blocks]
         return self

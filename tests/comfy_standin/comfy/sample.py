@@ -1,5 +1,5 @@
 """Stand-in for comfy.sample: seeded noise and an Euler sampler with batched CFG (cond and uncond
-in one forward, as ComfyUI does), calling ``model.apply_model`` like ComfyUI's samplers."""
+in one forward, as ComfyUI does), calling ``model.apply_model`` like ComfyUI's samplers, after loading (patching) the model."""
 import torch
 
 
@@ -16,6 +16,9 @@ def sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative
            denoise=1.0, disable_pbar=False, seed=None, callback=None):
     if sampler_name != "euler" or scheduler != "normal":
         raise ValueError("stand-in sampler supports euler/normal only")
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model])  # patches the model, as ComfyUI's prepare_sampling does
     base = model.model
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
     x = latent_image + noise * sigmas[0]

@@ -19,6 +19,7 @@ import torch
 
 from ...progress import report
 from . import gnn
+from ... import distributed as dist
 from .graph import OP_TYPES, LayerGraph, Subgraph
 from .options import METHODS, Option, OptionBank
 
@@ -124,17 +125,22 @@ class Labeller:
 class LabelStore:
     """Labelled configurations in one JSON file, written atomically after each label, so an
     interrupted run resumes where it stopped. ``fingerprint`` ties the file to the layer set,
-    options and label settings; a different one is an error rather than a silent mix."""
+    options and label settings; a different one is an error rather than a silent mix. Under
+    torch.distributed rank 0 alone reads and writes the file; every rank holds the records."""
 
     def __init__(self, path: str | Path | None, fingerprint: str):
         self.path, self.fingerprint = (Path(path) if path else None), fingerprint
-        self.records: dict[int, dict] = {}
-        if self.path and self.path.exists():
-            data = json.loads(self.path.read_text())
-            if data.get("fingerprint") != fingerprint:
-                raise ValueError(f"{self.path}: labels were made with other layers/options/settings "
-                                 f"(fingerprint {data.get('fingerprint')} != {fingerprint}); use another workdir")
-            self.records = {int(k): v for k, v in data["records"].items()}
+        self.records: dict[int, dict] = self._read() if self.path else {}
+
+    @dist.main_only
+    def _read(self) -> dict[int, dict]:
+        if not self.path.exists():
+            return {}
+        data = json.loads(self.path.read_text())
+        if data.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"{self.path}: labels were made with other layers/options/settings "
+                             f"(fingerprint {data.get('fingerprint')} != {self.fingerprint}); use another workdir")
+        return {int(k): v for k, v in data["records"].items()}
 
     def add(self, index: int, record: dict) -> None:
         from ...serialization import atomic_write_text
@@ -152,20 +158,27 @@ def fingerprint(bank: OptionBank, settings: dict) -> str:
 
 def label_configs(bank: OptionBank, labeller: Callable[[OptionBank, Assignment], float], store: LabelStore, indices: Sequence[int], *,
                   seed: int = 0, progress: bool = True, deadline: float | None = None) -> dict[int, dict]:
-    """Label random configurations ``indices`` (skipping those in ``store``). Workers can split the
-    indices (e.g. ``range(k, n, workers)``) with one store each; :func:`merge_stores` joins them.
-    Past ``deadline`` (``time.monotonic()``) labelling stops and only the labels done are returned."""
+    """Label random configurations ``indices`` (skipping those in ``store``). Under torch.distributed
+    the labels are computed round-robin across the ranks and every rank receives all of them.
+    Independent workers can also split the indices (e.g. ``range(k, n, workers)``) with one store
+    each; :func:`merge_stores` joins them. Past ``deadline`` (``time.monotonic()``) labelling stops
+    and only the labels done are returned."""
     from tqdm.auto import tqdm
 
-    todo = [i for i in indices if i not in store.records]
-    for i in tqdm(todo, desc="qua2sedimo labels", disable=not progress, leave=False):
-        if deadline is not None and time.monotonic() > deadline:
-            break
-        report("qua2sedimo labels", len(store.records), len(indices))
+    def label(i: int) -> dict:
         a = sample_assignment(bank.layers, bank.options, i, seed)
         start = time.perf_counter()
-        store.add(i, {"assignment": a, "quality": labeller(bank, a), "bits": bank.bits(a),
-                      "seconds": time.perf_counter() - start})
+        return {"assignment": a, "quality": labeller(bank, a), "bits": bank.bits(a),
+                "seconds": time.perf_counter() - start}
+
+    todo = [i for i in indices if i not in store.records]
+    out_of_time = None if deadline is None else lambda: time.monotonic() > deadline
+    with tqdm(total=len(todo), desc="qua2sedimo labels", disable=not progress or not dist.is_main(),
+              leave=False) as bar:
+        for i, record in dist.map_round_robin(label, todo, stop=out_of_time):
+            store.add(i, record)
+            bar.update(1)
+            report("qua2sedimo labels", len(store.records), len(indices))
     return {i: store.records[i] for i in indices if i in store.records}
 
 

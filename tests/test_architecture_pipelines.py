@@ -1,0 +1,123 @@
+"""``calibrate`` driving the real diffusers pipelines of the video and MMDiT families (built tiny):
+Wan (video frames, CFG halves as two forwards), Flux (guidance-distilled, no CFG), SD3 (MMDiT joint
+text+image tokens, batched CFG); then the quantized pipeline samples close to full precision.
+Plus the row sample's memory bound for long videos (tens of thousands of token rows per step)."""
+import copy
+
+import pytest
+import torch
+
+from ditq import QuantConfig, calibrate, quantize
+from ditq.evaluation.architectures import PIPELINE_CALLS, tiny_pipeline
+from ditq.quant_core.models import select_layers
+
+PROMPTS = ["a red fox in snow", "a boat at sunset"]
+STEPS = 3
+
+
+def _latents(pipe, family):
+    gen = torch.Generator().manual_seed(7)
+    return pipe(PROMPTS[:1], num_inference_steps=STEPS, generator=gen, output_type="latent",
+                **PIPELINE_CALLS[family])[0].float()
+
+
+@pytest.mark.parametrize("family", ["wan", "flux", "sd3"])
+def test_calibrate_drives_pipeline_and_vidit_q_follows_fp(family):
+    pipe = tiny_pipeline(family)
+    model = pipe.transformer
+    rows = {}  # token rows each block Linear sees in its first forward
+
+    def count(name):
+        def hook(module, args):
+            rows.setdefault(name, args[0].reshape(-1, args[0].shape[-1]).shape[0])
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(count(n)) for n in select_layers(model)]
+    config = QuantConfig.preset("vidit-q-w8a8")
+    calib = calibrate(pipe, PROMPTS, num_inference_steps=STEPS, config=config, progress=False,
+                      **PIPELINE_CALLS[family])
+    for h in handles:
+        h.remove()
+    # one statistic row per denoising step, whatever the number of forwards per step
+    assert len(calib.timesteps) == STEPS and calib.timesteps[0] > calib.timesteps[-1]
+    assert set(calib.layers) == set(select_layers(model))
+    assert all(calib.get(n, "act_absmax").shape == (STEPS, model.get_submodule(n).in_features) for n in calib.layers)
+    if family == "flux":  # guidance-distilled: one prompt, one batch row, no unconditional half
+        assert rows["single_transformer_blocks.0.proj_out"] == 16 + 8  # 4x4 packed latents + 8 text tokens
+    if family == "sd3":  # joint attention: image stream and text stream each calibrated
+        assert rows["transformer_blocks.0.attn.to_q"] == 2 * 16 and rows["transformer_blocks.0.attn.add_q_proj"] == 2 * (77 + 8)  # CLIP + T5 tokens
+    if family == "wan":  # video tokens: frames x patches, CFG halves as separate forwards
+        assert rows["blocks.0.attn1.to_q"] == 2 * 16
+    fp = _latents(pipe, family)
+    pipe.transformer = copy.deepcopy(model)
+    quantize(pipe.transformer, config, calib, progress=False)
+    q = _latents(pipe, family)
+    rel = ((q - fp).norm() / fp.norm()).item()
+    assert 0 < rel < 0.05, rel
+
+
+def test_row_sample_of_long_video_steps_matches_sampling_all_rows():
+    """Steps of 30000 rows are cut to the candidates before any copy, with the same sample as keeping
+    every row's key (uniform without replacement over all steps)."""
+    from ditq.quant_core.calibration import RowSample
+
+    batches = [torch.randn(n, 8, generator=torch.Generator().manual_seed(n)) for n in (30000, 5, 700)]
+    s = RowSample(limit=64, seed=3)
+    for step, x in enumerate(batches):
+        s.update(step, x)
+    # reference: draw every row's key with the same generator, keep the 64 largest overall
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.cat([torch.rand(x.shape[0], generator=gen, dtype=torch.float64) for x in batches])
+    want = torch.cat(batches)[keys.topk(64).indices]
+    got = s.result()
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.tolist()))
+
+
+def test_wan22_experts_calibrated_separately():
+    """Wan 2.2 A14B: ``transformer`` denoises the high-noise steps, ``transformer_2`` the rest; each
+    expert's calibration holds its own steps only."""
+    import diffusers
+
+    from ditq.evaluation.architectures import tiny_transformer
+
+    base = tiny_pipeline("wan")
+    pipe = diffusers.WanPipeline(**dict(base.components, transformer_2=tiny_transformer("wan", seed=1)),
+                                 boundary_ratio=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=4, progress=False, **PIPELINE_CALLS["wan"])
+    high = calibrate(pipe, PROMPTS[:1], **kw)
+    low = calibrate(pipe, PROMPTS[:1], component="transformer_2", **kw)
+    assert len(high.timesteps) + len(low.timesteps) == 4
+    assert high.timesteps.min() >= 500 > low.timesteps.max()
+    assert not torch.equal(high.get("blocks.0.attn1.to_q", "act_absmax"), low.get("blocks.0.attn1.to_q", "act_absmax")[:1])
+    with pytest.raises(ValueError, match="no denoiser 'transformer_3'"):
+        calibrate(pipe, PROMPTS[:1], component="transformer_3", **kw)
+
+
+def test_generic_quantized_pipeline_follows_the_repo_class(tmp_path):
+    """QuantizedPipeline on a (tiny) Flux repo: quantize on load, save a stock diffusers repo with a
+    model card, reload it through the same door: the same quantized transformer, the same samples."""
+    import diffusers
+
+    from ditq import QuantizedPipeline
+
+    tiny_pipeline("flux").save_pretrained(tmp_path / "fp")
+    call = dict(PIPELINE_CALLS["flux"], num_inference_steps=2)
+    pipe = QuantizedPipeline.from_pretrained(tmp_path / "fp", quantization_config="vidit-q-w8a8",
+                                             calibration_prompts=PROMPTS, calibration_kwargs=call)
+    assert isinstance(pipe, diffusers.FluxPipeline) and type(pipe).__name__ == "QuantizedFluxPipeline"
+    pipe.set_progress_bar_config(disable=True)
+    want = _latents(pipe, "flux")
+    pipe.save_pretrained(tmp_path / "q")
+    assert '"_class_name": "FluxPipeline"' in (tmp_path / "q" / "model_index.json").read_text()
+    card = (tmp_path / "q" / "README.md").read_text()
+    assert "QuantizedPipeline.from_pretrained" in card and "FluxTransformer2DModel.from_pretrained" in card
+    back = QuantizedPipeline.from_pretrained(tmp_path / "q")
+    back.set_progress_bar_config(disable=True)
+    ref = pipe.transformer.state_dict()
+    assert back.transformer.state_dict().keys() == ref.keys()
+    assert all(torch.equal(back.transformer.state_dict()[k], ref[k]) for k in ref)
+    got = _latents(back, "flux")  # the reloaded text encoders differ in the last float bits
+    assert ((got - want).norm() / want.norm()).item() < 1e-3
+    with pytest.raises(ValueError, match="not a diffusers pipeline"):
+        QuantizedPipeline._variant("NoSuchPipeline", "repo")
