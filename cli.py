@@ -42,7 +42,8 @@ def _quantize_on_this_rank(args) -> int:
     from .quant_core.serialization import check_writable, save_quantized
 
     check_writable(args.out)  # before minutes of calibration and quantization, not after
-    cfg = QuantConfig.from_json(Path(args.config).read_text()) if args.config else QuantConfig.preset(args.preset)
+    cfg = (QuantConfig.from_json(Path(args.config).read_text()) if args.config
+           else QuantConfig.preset(args.preset, small=args.small))
     pipe, call = load_pipeline(args.model, getattr(torch, args.dtype))
     pipe.set_progress_bar_config(disable=True)
     if dist.device().type == "cuda":  # NCCL: one GPU per rank
@@ -52,8 +53,8 @@ def _quantize_on_this_rank(args) -> int:
     if needs:
         extra = {k: v for k, v in call.items() if k != "num_inference_steps"}
         calib = calibrate(pipe, load_prompts("calibration")[: args.calib_prompts],
-                          num_inference_steps=args.steps or call["num_inference_steps"], needs=needs,
-                          progress=dist.is_main(), **extra)
+                          num_inference_steps=args.steps or call["num_inference_steps"], config=cfg,
+                          workdir=args.workdir, progress=dist.is_main(), **extra)
     report = quantize(pipe.transformer, cfg, calib, progress=dist.is_main())
     saved = save_quantized(pipe.transformer, args.out)
     if dist.is_main():
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--calib-prompts", type=int, default=8)
     q.add_argument("--steps", type=int)
     q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    q.add_argument("--small", action="store_true",
+                   help="the preset's documented small settings (slow presets: seconds, for smoke tests)")
+    q.add_argument("--workdir", help="resumable work files of searched presets (qua2sedimo-*)")
     q.set_defaults(fn=_quantize)
     i = sub.add_parser("info", help="describe a quantized checkpoint")
     i.add_argument("path")

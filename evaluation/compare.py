@@ -71,7 +71,7 @@ def compare_presets(pipe, call: dict, presets: list[str], conditions: list, seed
     import tempfile
     import time
 
-    from ..quant_core.calibration import calibrate
+    from ..quant_core.calibration import SEARCH, calibrate
     from ..quant_core.config import QuantConfig
     from ..quant_core.methods import calibration_needs
     from ..quant_core.metrics import psnr, rel_l2, ssim
@@ -81,11 +81,11 @@ def compare_presets(pipe, call: dict, presets: list[str], conditions: list, seed
     configs = {name: QuantConfig.preset(name) for name in presets}
     pairs = [(c, s) for c in conditions for s in seeds]
     fp = [sample(pipe, c, s, call) for c, s in pairs]
-    needs = calibration_needs(*configs.values())
+    needs = [n for n in calibration_needs(*configs.values()) if n != SEARCH]  # searches run per config
     calib, calib_s = None, 0.0
+    extra = {k: v for k, v in call.items() if k != "num_inference_steps"}
     if needs:
         t0 = time.perf_counter()
-        extra = {k: v for k, v in call.items() if k != "num_inference_steps"}
         calib = calibrate(pipe, calib_conditions, num_inference_steps=calib_steps or call["num_inference_steps"],
                           needs=needs, progress=progress, **extra)
         calib_s = time.perf_counter() - t0
@@ -95,7 +95,9 @@ def compare_presets(pipe, call: dict, presets: list[str], conditions: list, seed
     for name, cfg in configs.items():
         transformer = copy.deepcopy(fp_transformer)
         t0 = time.perf_counter()
-        report = quantize(transformer, cfg, calib, progress=progress)
+        searched = (calibrate(pipe, calib_conditions, config=cfg, needs=(SEARCH,), progress=progress, **extra)
+                    if SEARCH in calibration_needs(cfg) else calib)
+        report = quantize(transformer, cfg, searched, progress=progress)
         quant_s = time.perf_counter() - t0
         pipe.transformer = transformer
         try:

@@ -9,7 +9,7 @@ from ..quant_core.config import QuantConfig
 from ..quant_core.methods import calibration_needs
 from ..quant_core.models import select_layers
 from . import comfy_adapter as ad
-from .types import CATEGORY, Calibration
+from .types import CATEGORY, Calibration, node_presets
 
 RUN = "(run calibration)"
 
@@ -35,7 +35,7 @@ class CalibrateDiT(io.ComfyNode):
     def define_schema(cls):
         import comfy.samplers
 
-        presets = QuantConfig.presets()
+        presets = node_presets()
         return io.Schema(
             node_id="DitqCalibrateDiT",
             display_name="Calibrate DiT (ditq)",
@@ -63,8 +63,9 @@ class CalibrateDiT(io.ComfyNode):
                                tooltip="Scheduler, as you sample."),
                 io.Combo.Input("preset", options=presets,
                                default="rtn-w8a8" if "rtn-w8a8" in presets else presets[0],
-                               tooltip="The preset you will quantize with: decides which statistics are "
-                                       "recorded (e.g. input samples for GPTQ-based methods)."),
+                               tooltip="The preset you will quantize with: decides what is recorded "
+                                       "(input samples for GPTQ-based methods, every model call's inputs "
+                                       "for vq4dit)."),
                 io.Combo.Input("load_calibration", options=[RUN, *ad.folder_files(ad.CALIB_FOLDER)],
                                default=RUN, tooltip="Reuse a calibration saved earlier in "
                                                     "models/ditq/calibration instead of sampling."),
@@ -83,11 +84,11 @@ class CalibrateDiT(io.ComfyNode):
         if load_calibration != RUN:
             calib = CalibrationData.load(ad.full_path(ad.CALIB_FOLDER, load_calibration))
             missing = [n for n in select_layers(ad.diffusion_model(model)) if n not in calib.stats]
-            lacking = [s for s in needs if calib.layers and s not in calib.stats[calib.layers[0]]]
+            lacking = calib.missing(needs)
             if missing or lacking:
-                raise ValueError(f"calibration {load_calibration!r} does not fit: "
-                                 f"{'no layer ' + repr(missing[0]) if missing else 'no ' + repr(lacking)}; "
-                                 f"re-run Calibrate DiT (ditq) on this model with preset {preset!r}")
+                raise ValueError(f"Calibrate DiT (ditq): load_calibration {load_calibration!r} does not fit: "
+                                 f"{'no layer ' + repr(missing[0]) if missing else 'it lacks ' + repr(lacking)}; "
+                                 f"set load_calibration to {RUN!r} (preset {preset!r}) to calibrate this model")
         else:
             progress = ad.progress_callback(steps)
             calib = ad.calibrate_patcher(model, positive=positive, negative=negative, latent=latent_image,

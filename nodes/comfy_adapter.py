@@ -61,6 +61,21 @@ def folder_files(key: str) -> list[str]:
     return folder_paths.get_filename_list(key)
 
 
+def checkpoint_files() -> list[str]:
+    """Files in models/ditq that are ditq checkpoints: calibrations (models/ditq/calibration, or any
+    file whose header says so) and foreign files are left out. Only headers are read."""
+    from safetensors import safe_open
+
+    def is_checkpoint(name: str) -> bool:
+        try:
+            with safe_open(full_path(FOLDER, name), framework="pt") as f:
+                return "ditq.quantization_config" in (f.metadata() or {})
+        except Exception:  # unreadable or not safetensors: not offered (Load would fail on it)
+            return False
+
+    return [n for n in folder_files(FOLDER) if is_checkpoint(n)]
+
+
 def full_path(key: str, name: str) -> str:
     import folder_paths
 
@@ -79,17 +94,27 @@ def output_path(key: str, name: str) -> Path:
 
 # -- progress and interrupts ----------------------------------------------------------------------
 def progress_callback(total: int) -> Callable[[int, int], None]:
-    """``cb(done, total)``: advance a ComfyUI progress bar and honour the Cancel button."""
+    """``cb(done, total)``: advance a ComfyUI progress bar and honour the Cancel button. The bar is
+    shown at 0 at once, so the user sees the node working before the first unit ends."""
     import comfy.model_management as mm
     import comfy.utils
 
     bar = comfy.utils.ProgressBar(total)
+    bar.update_absolute(0, total)
 
     def cb(done: int, new_total: int | None = None) -> None:
         mm.throw_exception_if_processing_interrupted()
         bar.update_absolute(done, new_total)
 
     return cb
+
+
+def core_progress(total: int = 1):
+    """``on_progress(stage, done, total)`` for the core's long loops (GPTQ columns, k-means
+    iterations, optimisation steps): checks Cancel on every call, moves the bar (the stage's own
+    units; ComfyUI shows one bar per node)."""
+    cb = progress_callback(total)
+    return lambda stage, done, stage_total: cb(done, max(stage_total, 1))
 
 
 # -- reading a patcher ---------------------------------------------------------------------------
@@ -161,18 +186,33 @@ def _new_patcher(base, like=None):
     return patcher
 
 
+def own_weights(patcher) -> dict[str, torch.Tensor]:
+    """The diffusion model's own weights. ComfyUI patches weights (LoRA) in place when it samples and
+    leaves them applied until another patcher loads the shared model, keeping the originals in
+    ``patcher.backup`` (one dict shared by all clones, keyed like ``model.state_dict()``): where a
+    backup exists, it holds the model's own weight and the live tensor is someone's patched copy."""
+    tensors = diffusion_model(patcher).state_dict()
+    prefix = "diffusion_model."
+    for key, saved in (getattr(patcher, "backup", None) or {}).items():
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        if name in tensors:
+            live = tensors[name]
+            tensors[name] = getattr(saved, "weight", saved).to(device=live.device, dtype=live.dtype)
+    return tensors
+
+
 def quantize_patcher(src, config: QuantConfig, calibration: CalibrationData | None = None,
-                     on_layer: Callable[[int, int, str], None] | None = None):
-    """A fresh ModelPatcher holding a quantized copy of ``src``'s diffusion model; ``src`` is not
-    touched. Returns ``(patcher, report)``."""
+                     on_layer: Callable[[int, int, str], None] | None = None, on_progress=None):
+    """A fresh ModelPatcher holding a quantized copy of ``src``'s diffusion model (its own weights,
+    whatever patches an earlier prompt left applied); ``src`` is not touched. Returns ``(patcher, report)``."""
     _check_plain(src, "Quantize DiT")
-    dm = diffusion_model(src)
-    tensors = dm.state_dict()
+    tensors = own_weights(src)
     base = _empty_base_model(src.model.model_config, tensors)
     # assign=True shares the source's storage: no second FP copy. Quantized layers get new
     # buffers; the few kept FP tensors are cloned afterwards so the models stay independent.
     base.diffusion_model.load_state_dict(tensors, strict=True, assign=True)
-    report = quantize(base.diffusion_model, config, calibration, progress=False, on_layer=on_layer)
+    report = quantize(base.diffusion_model, config, calibration, progress=False, on_layer=on_layer,
+                      on_progress=on_progress)
     shared = {t.untyped_storage().data_ptr() for t in tensors.values()}
     for mod in base.diffusion_model.modules():
         for store in (mod._parameters, mod._buffers):
@@ -480,10 +520,15 @@ def _as_saved(model: nn.Module):
 
 
 # -- calibration through ComfyUI's sampler -------------------------------------------------------
+# Arguments ComfyUI passes the diffusion model that are per-call bookkeeping, not model inputs (lists of
+# UUIDs, patch callbacks, ControlNet): a replayed call (VQ4DiT) runs without them, as a plain forward.
+SAMPLER_ONLY_ARGS = ("transformer_options", "control")
+
+
 def calibrate_patcher(patcher, *, positive, negative, latent: dict, seed: int, steps: int, cfg: float,
                       sampler_name: str, scheduler: str, needs, on_step=None) -> CalibrationData:
     """Sample once with ComfyUI's own sampler while the recorder's hooks sit on the diffusion model;
-    the same statistics ditq.calibrate gathers from a diffusers pipeline."""
+    the same statistics (and model inputs) ditq.calibrate gathers from a diffusers pipeline."""
     import comfy.sample
 
     _check_plain(patcher, "Calibrate DiT")
@@ -491,7 +536,7 @@ def calibrate_patcher(patcher, *, positive, negative, latent: dict, seed: int, s
     layers = list(select_layers(dm))
     x = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
     noise = comfy.sample.prepare_noise(x, seed)
-    rec = CalibrationRecorder(dm, layers, needs, on_step=on_step)
+    rec = CalibrationRecorder(dm, layers, needs, on_step=on_step, skip_inputs=SAMPLER_ONLY_ARGS)
     with rec, torch.no_grad():
         rec.new_run()
         comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, x,

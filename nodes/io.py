@@ -31,7 +31,7 @@ class LoadQuantizedDiT(io.ComfyNode):
             category=CATEGORY,
             description="Builds a quantized DiT from a ditq file alone (no full-precision checkpoint).",
             inputs=[
-                io.Combo.Input("model_name", options=ad.folder_files(ad.FOLDER) or ["(no files in models/ditq)"],
+                io.Combo.Input("model_name", options=ad.checkpoint_files() or ["(no ditq checkpoints in models/ditq)"],
                                tooltip="A file written by Save Quantized DiT (ditq), in models/ditq."),
                 io.String.Input("hub_file", default="", optional=True,
                                 tooltip="Instead: 'owner/repo/file.safetensors' on the Hugging Face Hub "

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from ..quant_core.config import QuantConfig
 from ..quant_core.methods import calibration_needs
 from . import comfy_adapter as ad
-from .types import CATEGORY, Calibration
+from .types import CATEGORY, Calibration, node_presets
 
 BITS = ["preset", "8", "6", "4", "3", "2"]
 
@@ -24,7 +24,7 @@ def build_config(preset: str, weight_bits: str) -> QuantConfig:
 class QuantizeDiT(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        presets = QuantConfig.presets()
+        presets = node_presets()
         return io.Schema(
             node_id="DitqQuantizeDiT",
             display_name="Quantize DiT (ditq)",
@@ -52,10 +52,21 @@ class QuantizeDiT(io.ComfyNode):
         cfg = build_config(preset, weight_bits)
         needs = calibration_needs(cfg)
         if needs and calibration is None:
-            raise ValueError(f"preset {preset!r} needs calibration statistics {list(needs)}: connect "
-                             f"Calibrate DiT (ditq) to the calibration input")
-        progress = ad.progress_callback(1)
-        patcher, report = ad.quantize_patcher(model, cfg, calibration,
-                                              on_layer=lambda done, total, name: progress(done, total))
+            raise ValueError(f"Quantize DiT (ditq): preset {preset!r} needs calibration {list(needs)}: connect "
+                             f"Calibrate DiT (ditq) (with preset {preset!r}) to the calibration input")
+        lacking = calibration.missing(needs, cfg.method) if calibration is not None else []
+        if lacking:
+            raise ValueError(f"Quantize DiT (ditq): the calibration input lacks {lacking}, which preset "
+                             f"{preset!r} needs: set preset to {preset!r} in Calibrate DiT (ditq) and run it again")
+        progress = ad.core_progress()
+        try:
+            patcher, report = ad.quantize_patcher(model, cfg, calibration, on_progress=progress)
+        except ad.ComfyAdapterError:
+            raise
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"Quantize DiT (ditq) with preset {preset!r}, weight_bits {weight_bits!r}: "
+                             f"{e.args[0] if e.args else e}. Change the preset or weight_bits input, or "
+                             f"re-run Calibrate DiT (ditq) with this preset") from e
+        progress("done", len(report.layers), len(report.layers))
         text = f"{report}\n{ad.quant_summary(patcher)} (input {model.model_size()} B)"
         return io.NodeOutput(patcher, text, ui={"text": [text]})

@@ -196,8 +196,10 @@ class QuantizedPipelineMixin:
     def quantize(self, config, prompts: Sequence | None = None, *, fidelity_prompts: int = 2, seed: int = 0,
                  base_model: str | None = None, base_revision: str | None = None, progress: bool = True,
                  **call_kwargs):
-        """Calibrate (if the method needs statistics) and quantize the transformer in place; measure
-        fidelity to full precision on the first ``fidelity_prompts`` prompts. Returns the QuantReport."""
+        """Calibrate (if the method needs statistics or a search) and quantize the transformer in place;
+        measure fidelity to full precision on the first ``fidelity_prompts`` prompts. ``call_kwargs``
+        go to the pipeline calls, except ``workdir`` (the search's resumable work files, see
+        ``ditq.calibrate``). Returns the QuantReport."""
         from ..quant_core.calibration import calibrate
         from ..quant_core.config import QuantConfig
         from ..quant_core.methods import calibration_needs
@@ -213,9 +215,11 @@ class QuantizedPipelineMixin:
         prompts = list(prompts or [])
         needs = calibration_needs(config)
         if needs and not prompts:
-            raise ValueError(f"{config.name or config.method} needs calibration statistics {list(needs)}: "
+            raise ValueError(f"{config.name or config.method} needs calibration {list(needs)}: "
                              "pass calibration_prompts=[...]")
-        calib = calibrate(self, prompts, seed=seed, needs=needs, progress=progress, **call_kwargs) if needs else None
+        workdir = call_kwargs.pop("workdir", None)
+        calib = (calibrate(self, prompts, seed=seed, config=config, progress=progress, workdir=workdir, **call_kwargs)
+                 if needs else None)
         probe = prompts[:fidelity_prompts]
         reference = self._sample(probe, seed, call_kwargs) if probe else None
         report = quantize(self.transformer, config, calib, progress=progress)

@@ -16,7 +16,8 @@ from torch import nn
 
 from . import distributed as dist
 from .sampling import takes_prompts
-from .methods import calibration_needs
+from .methods import calibration_needs, get_method
+from .progress import ProgressHook, report, reporting
 from .models import select_layers
 
 FORMAT_VERSION = 1
@@ -107,6 +108,9 @@ STATISTICS: dict[str, Callable[[], Statistic]] = {"act_absmax": ChannelAbsMax, "
 
 # Model-level record: the inputs of every model call (the FP teacher's trajectory), not a per-layer statistic.
 MODEL_INPUTS = "model_inputs"
+# Not a recording: the method searches its configuration on the pipeline (Method.search) and calibrate
+# stores the result in ``meta["search"]``, where the method's pass reads it.
+SEARCH = "search"
 
 
 class ModelInputs:
@@ -114,13 +118,15 @@ class ModelInputs:
     passed them (CFG halves included), for methods that replay the full-precision trajectory
     (VQ4DiT's zero-data calibration feeds the teacher's ``x_t`` to the student at every step).
 
-    A call is a dict of argument name -> tensor name (or ``{"value": v}`` for JSON values; nested dicts
-    such as ``added_cond_kwargs`` keep their structure). A tensor equal to the one the previous call
-    passed under the same name is stored once, so prompt embeddings cost one copy per run, not per step.
+    A call is a dict of argument name -> tensor name (or ``{"value": v}`` for JSON values and lists of
+    them; nested dicts such as ``added_cond_kwargs`` keep their structure; ``**kwargs`` are recorded as
+    the keywords they are). A tensor equal to the one the previous call passed under the same name is
+    stored once, so prompt embeddings cost one copy per run, not per step. Arguments named in ``skip``
+    are not recorded (a driver's per-call bookkeeping, e.g. ComfyUI's ``transformer_options``).
     """
 
-    def __init__(self, signature: inspect.Signature | None = None):
-        self.signature = signature
+    def __init__(self, signature: inspect.Signature | None = None, skip: Sequence[str] = ()):
+        self.signature, self.skip = signature, frozenset(skip)
         self.tensors: dict[str, torch.Tensor] = {}
         self.calls: list[dict] = []
         self._last: dict[str, str] = {}
@@ -137,8 +143,10 @@ class ModelInputs:
             return {"tensor": last}
         if isinstance(value, dict):
             return {"dict": {k: self._encode(f"{key}.{k}", v) for k, v in value.items()}}
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return {"value": value}
+        if value is None or isinstance(value, (bool, int, float, str)) or (
+                isinstance(value, (list, tuple)) and all(v is None or isinstance(v, (bool, int, float, str))
+                                                         for v in value)):
+            return {"value": list(value) if isinstance(value, tuple) else value}
         raise TypeError(f"calibration: cannot record model argument {key!r} of type {type(value).__name__}")
 
     def update(self, args: tuple, kwargs: dict) -> None:
@@ -146,8 +154,13 @@ class ModelInputs:
         if args:
             if self.signature is None:
                 raise TypeError("calibration: positional model arguments need the model's signature")
-            named = dict(self.signature.bind_partial(*args, **kwargs).arguments)
-        self.calls.append({k: self._encode(k, v) for k, v in named.items()})
+            named = {}
+            for k, v in self.signature.bind_partial(*args, **kwargs).arguments.items():
+                if self.signature.parameters[k].kind is inspect.Parameter.VAR_KEYWORD:
+                    named.update(v)
+                else:
+                    named[k] = v
+        self.calls.append({k: self._encode(k, v) for k, v in named.items() if k not in self.skip})
 
     def merged_runs(self, run_starts: dict[int, int]) -> "ModelInputs":
         """The calls of every rank's runs (``run_starts``: run index -> first call here), gathered and
@@ -187,8 +200,8 @@ class CalibrationData:
     def model_calls(self, device=None):
         """Yield the keyword arguments of every recorded model call (needs ``model_inputs``)."""
         if self.inputs is None or not self.inputs.calls:
-            raise KeyError(f"calibration has no recorded model inputs; re-run calibrate with needs "
-                           f"including {MODEL_INPUTS!r}")
+            raise KeyError("calibration has no recorded model inputs; re-run calibrate(pipe, prompts, config=cfg) "
+                           "with the config you quantize with")
         for call in self.inputs.calls:
             yield decode_model_call(call, self.inputs.tensors, device)
 
@@ -196,13 +209,27 @@ class CalibrationData:
     def layers(self) -> list[str]:
         return sorted(self.stats)
 
+    def missing(self, needs: Sequence[str], method: str | None = None) -> list[str]:
+        """Which of ``needs`` this data lacks (statistics checked on every layer that has any)."""
+        out = []
+        for need in needs:
+            if need == MODEL_INPUTS:
+                lacking = self.inputs is None or not self.inputs.calls
+            elif need == SEARCH:
+                lacking = not (self.meta.get("search") or {}).get("method") == method
+            else:
+                lacking = not self.stats or any(need not in d for d in self.stats.values())
+            if lacking:
+                out.append(need)
+        return out
+
     def get(self, layer: str, stat: str) -> torch.Tensor:
         try:
             return self.stats[layer][stat]
         except KeyError:
             have = sorted(self.stats.get(layer, {}))
-            raise KeyError(f"calibration has no {stat!r} for layer {layer!r} (has {have}); "
-                           f"re-run calibrate with needs including {stat!r}") from None
+            raise KeyError(f"calibration has no {stat!r} for layer {layer!r} (has {have}); re-run "
+                           f"calibrate(pipe, prompts, config=cfg) with the config you quantize with") from None
 
     @dist.main_only
     def save(self, path) -> None:
@@ -278,18 +305,19 @@ class CalibrationRecorder:
     before each sampling run. Consecutive calls at the same timestep are one step (pipelines that run
     the CFG halves as two forwards, e.g. Wan). ``on_step`` is called after each step
     (progress bars, interrupt checks: raising from it aborts cleanly). Hooks are removed on exit,
-    also when sampling raises.
+    also when sampling raises. ``skip_inputs``: model arguments not to record (see :class:`ModelInputs`).
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str], needs: Sequence[str] = ("act_absmax",),
-                 on_step: Callable[[int], None] | None = None, stat_options: dict[str, dict] | None = None):
+                 on_step: Callable[[int], None] | None = None, stat_options: dict[str, dict] | None = None,
+                 skip_inputs: Sequence[str] = ()):
         unknown = set(needs) - set(STATISTICS) - {MODEL_INPUTS}
         if unknown:
             raise ValueError(f"unknown calibration statistic(s) {sorted(unknown)}; known: "
                              f"{sorted(STATISTICS) + [MODEL_INPUTS]}")
         self.model, self.layers, self.on_step = model, list(layers), on_step
         self.needs = tuple(n for n in needs if n != MODEL_INPUTS)
-        self.inputs = ModelInputs(inspect.signature(model.forward)) if MODEL_INPUTS in needs else None
+        self.inputs = ModelInputs(inspect.signature(model.forward), skip_inputs) if MODEL_INPUTS in needs else None
         opts = dict(stat_options or {})
         stray = set(opts) - set(self.needs)
         if stray:
@@ -375,6 +403,7 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
               config=None, needs: Sequence[str] | None = None, guidance_scale: float | None = None,
               batch_size: int = 1, layers: Iterable[str] | None = None, progress: bool = True,
               stat_options: dict[str, dict] | None = None, component: str = "transformer",
+              workdir=None, on_progress: ProgressHook | None = None,
               **pipe_kwargs) -> CalibrationData:
     """Run the full-precision pipeline once over ``prompts`` and record statistics.
 
@@ -382,6 +411,9 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
     ``DiTPipeline``. What is recorded: ``needs`` if given, else what ``config``'s method needs (nothing,
     and no sampling, for a method that quantizes from the weights alone), else per-channel activation
     maxima. ``stat_options`` configures statistics (see :class:`CalibrationRecorder`).
+    A method that searches its configuration (Qua²SeDiMo) runs the search here, on ``prompts``, with
+    its work files (resumable) in ``workdir``; the result travels in the returned data to ``quantize``.
+    ``on_progress(stage, done, total)`` sees every step and search unit (raise from it to stop).
     ``component`` names the denoiser to record: Wan 2.2 A14B runs ``transformer`` at high noise and
     ``transformer_2`` at low noise; calibrate (and quantize) each expert with its own statistics.
     Returns :class:`CalibrationData`; the pipeline is left unchanged.
@@ -389,12 +421,13 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
     >>> calib = calibrate(pipe, ["a red fox in snow"], num_inference_steps=20, seed=0, config=cfg)
     >>> calib.save("calib.safetensors")
     """
-    from tqdm.auto import tqdm
-
     if not prompts:
         raise ValueError("calibrate needs at least one prompt or class label")
     if needs is None:
         needs = calibration_needs(config) if config is not None else ("act_absmax",)
+    if SEARCH in needs and config is None:
+        raise ValueError("calibrate: needs include 'search', which runs the method's configuration search: "
+                         "pass config=QuantConfig.preset(...)")
     model = getattr(pipe, component, None)
     if not isinstance(model, nn.Module):
         raise ValueError(f"calibrate: {type(pipe).__name__} has no denoiser {component!r} "
@@ -402,8 +435,25 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
     meta = {"model": type(model).__name__, "component": component, "num_prompts": len(prompts),
             "num_inference_steps": num_inference_steps,
             "seed": seed, "needs": list(needs), "stat_options": stat_options or {}}
-    if not needs:
-        return CalibrationData({}, torch.zeros(0), meta, None)
+    recorded = tuple(n for n in needs if n != SEARCH)
+    with reporting(on_progress):
+        if recorded:
+            data = _record(pipe, model, prompts, num_inference_steps, seed, recorded, meta, guidance_scale=guidance_scale,
+                           batch_size=batch_size, layers=layers, progress=progress, stat_options=stat_options,
+                           **pipe_kwargs)
+        else:
+            data = CalibrationData({}, torch.zeros(0), meta, None)
+        if SEARCH in needs:
+            found = get_method(config.method).search(pipe, config, list(prompts), workdir=workdir, progress=progress)
+            data.meta["search"] = {"method": config.method, **found}
+    return data
+
+
+def _record(pipe, model, prompts, num_inference_steps, seed, needs, meta, *, guidance_scale, batch_size, layers,
+            progress, stat_options, **pipe_kwargs) -> CalibrationData:
+    """Sample ``prompts`` in batches with the recorder's hooks on ``model`` (the pipeline's denoiser)."""
+    from tqdm.auto import tqdm
+
     layers = list(layers) if layers is not None else list(select_layers(model))
     batches = [list(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
     mine = dist.shard(batches)  # under torch.distributed: this rank's batches, seeded as in one process
@@ -416,7 +466,14 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
         kwargs.setdefault("output_type", "latent")
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    rec = CalibrationRecorder(model, layers, needs, on_step=lambda step: bar.update(1), stat_options=stat_options)
+    total, done = len(mine) * num_inference_steps, [0]
+
+    def on_step(step):
+        bar.update(1)
+        done[0] += 1
+        report("calibrate", done[0], total)
+
+    rec = CalibrationRecorder(model, layers, needs, on_step=on_step, stat_options=stat_options)
     try:
         with rec, torch.no_grad():
             for i, batch in mine:

@@ -165,7 +165,10 @@ class QuantConfig(_DictRoundTrip):
 
     # -- presets -----------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str) -> "QuantConfig":
+    def preset(cls, name: str, *, small: bool = False, options: dict[str, Any] | None = None) -> "QuantConfig":
+        """The preset ``name``; ``small=True`` applies the method's documented small settings (slow
+        presets only: fewer optimisation steps / labels, seconds on the built-in models, for tests and
+        smoke runs); ``options`` then overrides single method options."""
         from .methods import load_all
 
         load_all()
@@ -173,12 +176,22 @@ class QuantConfig(_DictRoundTrip):
             raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(_PRESETS))}")
         cfg = _PRESETS[name]()
         cfg.name = name
+        extra = {**(_SMALL.get(name, {}) if small else {}), **(options or {})}
+        if extra:
+            cfg = cls.from_dict({**cfg.to_dict(), "options": {**cfg.options, **extra}})
         return cfg
 
     @classmethod
+    def small_settings(cls, name: str) -> dict[str, Any]:
+        """The options ``preset(name, small=True)`` sets (empty for presets that are quick already)."""
+        cls.preset(name)
+        return dict(_SMALL.get(name, {}))
+
+    @classmethod
     def presets(cls, quick_only: bool = False) -> list[str]:
-        """Preset names; ``quick_only`` leaves out those whose quantize step needs a prior search or
-        runs minutes of optimisation (the demo and the quality bench skip them unless named)."""
+        """Preset names, every one runnable as ``calibrate(pipe, prompts, config=cfg)`` then
+        ``quantize(model, cfg, calib)``; ``quick_only`` leaves out those that search their configuration
+        or run minutes of optimisation (the demo and the quality bench skip them unless named)."""
         from .methods import load_all
 
         load_all()
@@ -194,13 +207,18 @@ def check_options(config: QuantConfig, known) -> None:
 
 _PRESETS: dict[str, Callable[[], QuantConfig]] = {}
 _SLOW: set[str] = set()
+_SMALL: dict[str, dict[str, Any]] = {}
 
 
-def register_preset(name: str, make: Callable[[], QuantConfig], *, quick: bool = True) -> None:
+def register_preset(name: str, make: Callable[[], QuantConfig], *, quick: bool = True,
+                    small: dict[str, Any] | None = None) -> None:
     """Called by a method module for each preset it provides; ``quick=False`` marks presets that need
-    a prior search or a long calibration before ``quantize`` (see ``QuantConfig.presets``)."""
+    a search or a long optimisation (see ``QuantConfig.presets``); ``small`` are the options of their
+    documented small setting (``QuantConfig.preset(name, small=True)``)."""
     if name in _PRESETS:
         raise ValueError(f"preset {name!r} registered twice")
     _PRESETS[name] = make
     if not quick:
         _SLOW.add(name)
+    if small:
+        _SMALL[name] = dict(small)

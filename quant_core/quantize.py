@@ -12,6 +12,7 @@ from .layers import QuantModule
 from .metrics import sqnr
 from .methods import get_method
 from .models import LayerInfo, select_layers, set_submodule
+from .progress import ProgressHook, reporting, report
 from .serialization import mark_quantized
 
 
@@ -79,6 +80,7 @@ class QuantizationContext:
 
         items = list(self.layers.items())
         for i, item in enumerate(tqdm(items, desc=desc, disable=not self.progress, leave=False)):
+            report(desc, i, len(items))
             yield item
             if self.on_layer is not None:  # GUIs: progress and a chance to interrupt between layers
                 self.on_layer(i + 1, len(items), item[0])
@@ -99,24 +101,28 @@ _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
 
 
 def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationData | None = None, *,
-             progress: bool = True, on_layer=None) -> QuantReport:
+             progress: bool = True, on_layer=None, on_progress: ProgressHook | None = None) -> QuantReport:
     """Quantize ``model``'s layers in place per ``config``; returns the per-layer report.
 
     >>> calib = calibrate(pipe, prompts)
     >>> report = quantize(pipe.transformer, QuantConfig.preset("rtn-w8a8"), calib)
     >>> print(report)
 
-    ``on_layer(done, total, name)`` is called after each layer of each pass (progress bars; raising
-    from it aborts). All or nothing: if the method fails or is interrupted, every replaced layer and
-    the model's hooks are put back, so ``model`` is as it was and can be quantized again.
+    ``on_layer(done, total, name)`` is called after each layer of each pass; ``on_progress(stage, done,
+    total)`` also from inside long loops (GPTQ columns, k-means iterations, optimisation steps), so a
+    GUI can show progress and stop the work by raising from either. All or nothing: if the method
+    fails or is interrupted, every replaced layer and the model's hooks are put back, so ``model`` is
+    as it was and can be quantized again (resumable methods keep their work files).
     """
     if any(isinstance(m, QuantModule) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} is already quantized; quantize a fresh full-precision model")
     method = get_method(config.method)
     needs = method.needs(config)
-    if needs and calibration is None:
+    lacking = list(needs) if calibration is None else calibration.missing(needs, config.method)
+    if lacking:
         raise ValueError(f"method {config.method!r} ({config.name or 'custom config'}) needs calibration "
-                         f"statistics {list(needs)}: run ditq.calibrate(pipe, prompts) first")
+                         f"{lacking}{'' if calibration is None else ', which this calibration lacks'}: run "
+                         f"calib = ditq.calibrate(pipe, prompts, config=cfg) with this config first")
     ctx = QuantizationContext(model, select_layers(model, config), config, calibration, progress, on_layer)
     if calibration is not None and any(n in STATISTICS for n in needs):  # per-layer statistics
         missing = [n for n in ctx.layers if n not in calibration.stats]
@@ -126,7 +132,7 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationData
     originals = {name: model.get_submodule(name) for name in ctx.layers}
     hooks = {attr: dict(getattr(model, attr)) for attr in _HOOK_DICTS}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), reporting(on_progress):
             method.apply(ctx)
     except BaseException:
         for name, module in originals.items():

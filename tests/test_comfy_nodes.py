@@ -51,13 +51,13 @@ def comfy(tmp_path_factory):
     _drop_modules()
 
 
-def make_patcher(seed=0, depth=2):
+def make_patcher(seed=0, depth=2, hidden=64):
     import comfy.model_management as mm
     from comfy.model_patcher import ModelPatcher
     from comfy.supported_models import PixArtSigma
 
     torch.manual_seed(seed)
-    cfg = PixArtSigma({"image_model": "pixart_sigma", "hidden_size": 64, "num_heads": 4, "depth": depth,
+    cfg = PixArtSigma({"image_model": "pixart_sigma", "hidden_size": hidden, "num_heads": 4, "depth": depth,
                        "patch_size": 2, "in_channels": 4, "caption_channels": 32})
     base = cfg.get_model({})
     with torch.no_grad():
@@ -468,3 +468,151 @@ def test_workflows_are_loadable_ui_json(comfy):
                         assert v in i.options["options"], f"{path.name}: {n['type']}.{i.id}={v!r}"
             else:
                 assert n["type"] in STOCK, f"{path.name}: unknown node {n['type']}"
+
+
+# -- every preset the nodes offer ---------------------------------------------------------------
+def preset_options(comfy, node_id):
+    return next(i for i in comfy.nodes[node_id].GET_SCHEMA().inputs if i.id == "preset").options["options"]
+
+
+def test_nodes_offer_every_preset_but_the_searched(comfy):
+    from ditq import QuantConfig
+
+    searched = {p for p in QuantConfig.presets() if p.startswith("qua2sedimo")}
+    assert searched, "the searched presets exist in Python"
+    for node_id in ("DitqCalibrateDiT", "DitqQuantizeDiT"):
+        assert set(preset_options(comfy, node_id)) == set(QuantConfig.presets()) - searched
+
+
+# Fidelity floors of the sampled output (SQNR dB against FP, 2 calibration steps on the stand-in DiT of
+# width 128; slow presets at their documented small settings), a few dB under what was measured.
+NODE_FLOORS = {"rtn-w8a8": 33, "rtn-w8a8-dynamic": 37, "rtn-w4a8": 15, "rtn-w4a16": 15, "rtn-fp8": 27,
+               "rtn-w3a16": 4, "rtn-w2a16": 0, "vidit-q-w8a8": 37, "vidit-q-w6a6": 24, "vidit-q-w4a8-mp": 20,
+               "q-dit-w4a8": 27, "q-dit-w6a8": 37, "vq4dit-w2": 0, "vq4dit-w3": 1}
+
+
+def small_presets(monkeypatch):
+    """The nodes build presets by name; in tests slow ones take their documented small settings."""
+    from ditq import QuantConfig
+
+    original = QuantConfig.preset
+    monkeypatch.setattr(QuantConfig, "preset", lambda name, small=False, options=None:
+                        original(name, small=True, options=options))
+
+
+def test_every_offered_preset_calibrates_quantizes_saves_and_reloads(comfy, monkeypatch):
+    """Calibrate DiT -> Quantize DiT -> sample -> Save -> Load -> the same output, for every preset the
+    nodes offer, with fewer calibration steps (2) than vidit-q-w4a8-mp has timestep ranges (4)."""
+    from ditq.quant_core.metrics import sqnr
+
+    small_presets(monkeypatch)
+    save, load = comfy.nodes["DitqSaveQuantizedDiT"], comfy.nodes["DitqLoadQuantizedDiT"]
+    patcher = make_patcher(hidden=128)       # Q-DiT's groups of 128 divide every layer
+    fp_out = sample(comfy, patcher)
+    offered = preset_options(comfy, "DitqQuantizeDiT")
+    assert set(offered) == set(NODE_FLOORS)
+    got = {}
+    for preset in offered:
+        calib, _ = calibrate(comfy, patcher, preset=preset, steps=2)
+        qp = comfy.nodes["DitqQuantizeDiT"].execute(model=patcher, preset=preset, weight_bits="preset",
+                                                    calibration=calib).args[0]
+        q_out = sample(comfy, qp)
+        got[preset] = sqnr(fp_out, q_out)
+        name = f"every_{preset}"
+        save.execute(model=qp, filename=name, format="ditq", overwrite=True)
+        again = load.execute(model_name=f"{name}.safetensors").args[0]
+        assert again.model_size() == qp.model_size(), preset
+        torch.testing.assert_close(sample(comfy, again), q_out, rtol=0, atol=0, msg=preset)
+    low = {p: round(v, 1) for p, v in got.items() if v < NODE_FLOORS[p]}
+    assert not low, f"below floor: {low} (all: { {p: round(v, 1) for p, v in got.items()} })"
+    # Load lists the checkpoints only, not the calibrations saved under models/ditq/calibration
+    calibrate(comfy, patcher, save_as="not_a_checkpoint")
+    names = preset_options_of_load(comfy)
+    assert f"every_{offered[0]}.safetensors" in names and not any("not_a_checkpoint" in n for n in names)
+
+
+def preset_options_of_load(comfy):
+    return next(i for i in comfy.nodes["DitqLoadQuantizedDiT"].GET_SCHEMA().inputs
+                if i.id == "model_name").options["options"]
+
+
+def test_vq4dit_calibration_skips_sampler_bookkeeping(comfy):
+    """ComfyUI passes transformer_options (lists, UUIDs) and control to the diffusion model: not
+    recorded; the replayed calls are the model's own inputs and reproduce its output."""
+    patcher = make_patcher()
+    dm = patcher.model.diffusion_model
+    seen = []
+    h = dm.register_forward_hook(lambda m, a, out: seen.append(out))
+    calib, _ = calibrate(comfy, patcher, preset="vq4dit-w2", steps=2)
+    h.remove()
+    calls = list(calib.model_calls())
+    assert len(calls) == 2 and set(calls[0]) == {"x", "timesteps", "context"}
+    with torch.no_grad():
+        torch.testing.assert_close(dm(**calls[1]), seen[1], rtol=0, atol=0)
+
+
+def test_quantize_uses_own_weights_when_an_earlier_lora_stayed_applied(comfy):
+    """FP + LoRA prompt leaves patched weights in the shared model (originals in the shared backup);
+    Quantize DiT on the plain model must quantize the model's own weights."""
+    from safetensors.torch import load_file
+
+    plain = make_patcher()
+    clean_path = Path(comfy.nodes["DitqSaveQuantizedDiT"].execute(
+        model=comfy.nodes["DitqQuantizeDiT"].execute(model=plain, preset="rtn-w8a8-dynamic",
+                                                     weight_bits="preset").args[0],
+        filename="lora_clean", format="ditq", overwrite=True).args[0])
+    lora = plain.clone()
+    dm = plain.model.diffusion_model
+    keys = [f"diffusion_model.{n}.weight" for n in ("blocks.0.attn.qkv", "blocks.1.mlp.fc2")]
+    lora.add_patches({k: ("diff", (torch.randn_like(plain.model.get_parameter(k)) * 0.05,)) for k in keys})
+    lora.patch_model()                       # the LoRA prompt sampled and left its patches applied
+    assert not torch.equal(dm.blocks[0].attn.qkv.weight, lora.backup[keys[0]].weight)
+    qp = comfy.nodes["DitqQuantizeDiT"].execute(model=plain, preset="rtn-w8a8-dynamic", weight_bits="preset").args[0]
+    path = Path(comfy.nodes["DitqSaveQuantizedDiT"].execute(model=qp, filename="lora_after", format="ditq",
+                                                            overwrite=True).args[0])
+    clean, after = load_file(str(clean_path)), load_file(str(path))
+    assert clean.keys() == after.keys()
+    differ = [k for k in clean if not torch.equal(clean[k], after[k])]
+    assert not differ, f"LoRA left a trace in {differ[:3]}"
+    lora.unpatch_model()
+
+
+def interrupt_inside(comfy, monkeypatch, module, name):
+    """Raise ComfyUI's interrupt flag the first time ``module.name`` runs (deep inside a core loop)."""
+    original = getattr(module, name)
+
+    def flagged(*a, **k):
+        comfy.mm.interrupt_current_processing(True)
+        return original(*a, **k)
+
+    monkeypatch.setattr(module, name, flagged)
+
+
+@pytest.mark.parametrize("preset, where, inside", [("q-dit-w4a8", "gptq", "gptq"),
+                                                   ("vq4dit-w2", "kmeans", "kmeans")])
+def test_interrupt_is_honoured_inside_long_loops(comfy, monkeypatch, preset, where, inside):
+    import traceback
+
+    from ditq.quant_core.passes import gptq, kmeans
+
+    small_presets(monkeypatch)
+    patcher = make_patcher(hidden=128)
+    calib, _ = calibrate(comfy, patcher, preset=preset, steps=2)
+    module, name = {"gptq": (gptq, "_inverse_hessian_factor"), "kmeans": (kmeans, "_update")}[where]
+    interrupt_inside(comfy, monkeypatch, module, name)
+    with pytest.raises(comfy.mm.InterruptProcessingException) as info:
+        comfy.nodes["DitqQuantizeDiT"].execute(model=patcher, preset=preset, weight_bits="preset", calibration=calib)
+    frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+    assert inside in frames, frames          # raised from within the loop, not between layers
+
+
+def test_progress_shows_at_once_and_within_layers(comfy, monkeypatch):
+    patcher = make_patcher(hidden=128)
+    calib, _ = calibrate(comfy, patcher, preset="q-dit-w4a8", steps=2)
+    updates = []
+    original = comfy.utils.ProgressBar.update_absolute
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute",
+                        lambda self, v, total=None, preview=None: (updates.append(v), original(self, v, total)))
+    comfy.nodes["DitqQuantizeDiT"].execute(model=patcher, preset="q-dit-w4a8", weight_bits="preset", calibration=calib)
+    assert updates[0] == 0                   # shown before the first layer's work
+    assert len(updates) > 2 * 14 + 1         # GPTQ column blocks report inside each of the 14 layers

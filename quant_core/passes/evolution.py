@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .. import distributed as dist
+from ..progress import report
 Genome = tuple[int, ...]
 STATE_VERSION = 1
 
@@ -184,8 +185,9 @@ class _Search:
                 todo = list(dict.fromkeys(g for g in self.population if g not in self.scores))
                 bar.update(len(self.population) - len(todo))
                 out_of_time = None if deadline is None else lambda: time.monotonic() > deadline
-                for g, loss in dist.map_round_robin(self.fitness, todo, stop=out_of_time):
+                for j, (g, loss) in enumerate(dist.map_round_robin(self.fitness, todo, stop=out_of_time)):
                     self.scores[g] = float(loss)
+                    report("evolutionary search", self.generation * s.population + j + 1, s.generations * s.population)
                     bar.update(1)
                 if any(g not in self.scores for g in todo):
                     finished = False

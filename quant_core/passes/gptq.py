@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import quantizers as qz
 from ..config import LayerScheme
+from ..progress import report
 
 ScaleFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -82,6 +83,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, *, bits: int, symmetric: bool = True,
     zeros = None if symmetric else torch.empty(n, groups, dtype=torch.float32, device=w.device)
     block = -(-max(block_size, 1) // gs) * gs if groups > 1 else max(block_size, 1)
     for b0 in range(0, k, block):
+        report("gptq columns", b0, k)
         b1 = min(b0 + block, k)
         wb = w[:, b0:b1]
         errs = torch.empty_like(wb)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..progress import report
+
 INITS = ("kmeans++", "random")
 
 
@@ -79,6 +81,8 @@ def _init_kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tenso
     centres[:, 0] = x[rows, first]
     dmin = (x - centres[:, :1]).pow(2).sum(-1)
     for i in range(1, k):
+        if i % 16 == 0:
+            report("k-means++ init", i, k)
         weights = torch.where(dmin.sum(-1, keepdim=True) > 0, dmin, torch.ones_like(dmin))
         pick = torch.multinomial(weights, 1, generator=gen).squeeze(-1)
         centres[:, i] = x[rows, pick]
@@ -119,6 +123,7 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 100, seed: int = 0, init: st
     labels = assign(xb, centres)
     done = 0
     for done in range(1, iters + 1):
+        report("k-means", done, iters)
         centres = _update(xb, labels, centres)
         new = assign(xb, centres)
         if torch.equal(new, labels):

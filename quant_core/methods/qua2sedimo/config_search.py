@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ...progress import report
 from . import gnn
 from ... import distributed as dist
 from .graph import OP_TYPES, LayerGraph, Subgraph
@@ -156,11 +157,12 @@ def fingerprint(bank: OptionBank, settings: dict) -> str:
 
 
 def label_configs(bank: OptionBank, labeller: Callable[[OptionBank, Assignment], float], store: LabelStore, indices: Sequence[int], *,
-                  seed: int = 0, progress: bool = True) -> dict[int, dict]:
+                  seed: int = 0, progress: bool = True, deadline: float | None = None) -> dict[int, dict]:
     """Label random configurations ``indices`` (skipping those in ``store``). Under torch.distributed
     the labels are computed round-robin across the ranks and every rank receives all of them.
     Independent workers can also split the indices (e.g. ``range(k, n, workers)``) with one store
-    each; :func:`merge_stores` joins them."""
+    each; :func:`merge_stores` joins them. Past ``deadline`` (``time.monotonic()``) labelling stops
+    and only the labels done are returned."""
     from tqdm.auto import tqdm
 
     def label(i: int) -> dict:
@@ -170,12 +172,14 @@ def label_configs(bank: OptionBank, labeller: Callable[[OptionBank, Assignment],
                 "seconds": time.perf_counter() - start}
 
     todo = [i for i in indices if i not in store.records]
+    out_of_time = None if deadline is None else lambda: time.monotonic() > deadline
     with tqdm(total=len(todo), desc="qua2sedimo labels", disable=not progress or not dist.is_main(),
               leave=False) as bar:
-        for i, record in dist.map_round_robin(label, todo):
+        for i, record in dist.map_round_robin(label, todo, stop=out_of_time):
             store.add(i, record)
             bar.update(1)
-    return {i: store.records[i] for i in indices}
+            report("qua2sedimo labels", len(store.records), len(indices))
+    return {i: store.records[i] for i in indices if i in store.records}
 
 
 def merge_stores(paths: Sequence[str | Path], fingerprint_: str) -> dict[int, dict]:
@@ -240,7 +244,8 @@ def score_subgraphs(graph: LayerGraph, bank: OptionBank, ens: Ensemble, *, max_a
     that hop, summed over folds."""
     options = bank.options
     raw = []
-    for sg in graph.subgraphs:
+    for i, sg in enumerate(graph.subgraphs):
+        report("qua2sedimo scoring", i, len(graph.subgraphs))
         combos = len(options) ** len(sg.nodes)
         if combos > max_assignments:
             raise ValueError(f"subgraph {sg.name} has {combos} assignments (> {max_assignments}); use fewer options")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...progress import report
+
 
 class GATv2Layer(nn.Module):
     """Brody et al. 2022: ``e_ij = a . LeakyReLU(W_dst h_i + W_src h_j)``, softmax over i's in-edges,
@@ -113,7 +115,8 @@ def train(x: torch.Tensor, adj: torch.Tensor, y: torch.Tensor, *, epochs: int = 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     adj = with_self_loops(adj)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        report("qua2sedimo predictor epochs", epoch, epochs)
         perm = torch.randperm(x.shape[0], generator=gen)
         for start in range(0, x.shape[0], batch_size):
             idx = perm[start:start + batch_size]

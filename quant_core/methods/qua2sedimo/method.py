@@ -1,10 +1,16 @@
 """Qua²SeDiMo (Mills et al., AAAI 2025): sensitivity-driven mixed-precision weights (methods.md §5).
 
-Two steps, because labelling configurations needs the whole pipeline, not just the transformer:
+Two steps, because labelling configurations needs the whole pipeline, not just the transformer. The
+public story runs the search inside ``calibrate`` (its result travels in the calibration data):
 
 >>> cfg = QuantConfig.preset("qua2sedimo-w3.5")
->>> result = search(pipe, cfg, workdir="q2s")        # options, labels, GNN, scores, insights
->>> quantize(pipe.transformer, result.config)          # installs the searched assignment
+>>> calib = calibrate(pipe, prompts, config=cfg, workdir="q2s")   # the search, labelling on prompts
+>>> quantize(pipe.transformer, cfg, calib)                         # installs the searched assignment
+
+Researchers call :func:`search` directly (``result.config`` carries the assignment in its options).
+The options ``time_budget_s`` (stop labelling after that long; the labels so far are kept in the
+workdir and a re-run resumes) and the small settings of :data:`SMALL` (seconds on the built-in PixArt,
+for tests) bound its cost.
 
 ``search`` builds every layer's options once (:mod:`..qua2sedimo_options`), labels random
 configurations by fidelity to the FP pipeline, trains a GATv2 ensemble over the layer graph, scores
@@ -24,6 +30,7 @@ import torch
 
 from . import config_search as qs
 from ... import distributed as dist
+from ...calibration import SEARCH
 from ...config import QuantConfig, check_options, register_preset
 from ...models import select_layers
 from .graph import build_graph
@@ -37,8 +44,12 @@ DEFAULTS = {
     "label_prompts": ["a red fox in snow", "a city at night"], "label_steps": 4, "label_seed": 0,
     "label_metric": "fidelity",
     "folds": 5, "epochs": 300, "hidden": 64, "gnn_layers": 4, "lr": 1e-3, "weight_decay": 1e-6,
-    "batch_size": 128, "rank_weight": 1.0, "bits_weight": 0.0, "refine_rounds": 2,
+    "batch_size": 128, "rank_weight": 1.0, "bits_weight": 0.0, "refine_rounds": 2, "time_budget_s": None,
 }
+# Documented small settings (QuantConfig.preset(name, small=True)): a search of seconds on the built-in
+# PixArt, for tests and smoke runs; its assignment is far from the preset's.
+SMALL = {"num_configs": 12, "label_steps": 2, "folds": 2, "epochs": 40, "hidden": 16, "gnn_layers": 2,
+         "refine_rounds": 0, "holdout": 0.0}
 
 
 def settings(config: QuantConfig) -> dict:
@@ -56,13 +67,19 @@ def act_bits_of(config: QuantConfig) -> int | None:
 @register_method("qua2sedimo")
 class Qua2SeDiMo:
     def needs(self, config: QuantConfig) -> tuple[str, ...]:
-        return ()
+        return () if config.options.get("assignment") else (SEARCH,)
+
+    def search(self, pipe, config: QuantConfig, prompts: list, *, workdir=None, progress: bool = True) -> dict:
+        """The search as ``calibrate`` runs it: labels on ``prompts``; returns what ``apply`` reads."""
+        from ...sampling import DIT_CALL, PIXART_CALL, takes_prompts
+
+        call = PIXART_CALL if takes_prompts(pipe) else DIT_CALL
+        result = search(pipe, config, workdir=workdir, progress=progress, call_kwargs=call, conditions=prompts)
+        return {"assignment": result.assignment, "avg_bits": result.avg_bits,
+                "num_labels": result.report.num_labels, "seconds": result.report.seconds}
 
     def apply(self, ctx) -> None:
-        assignment = ctx.config.options.get("assignment")
-        if not assignment:
-            raise ValueError("qua2sedimo needs a searched assignment in config.options['assignment']: run "
-                             "ditq.quant_core.methods.qua2sedimo.method.search(pipe, config) first (docs/qua2sedimo.md)")
+        assignment = ctx.config.options.get("assignment") or searched_assignment(ctx.calibration)
         missing = [n for n in ctx.layers if n not in assignment]
         extra = [n for n in assignment if n not in ctx.layers]
         if missing or extra:
@@ -75,6 +92,15 @@ class Qua2SeDiMo:
             nbytes, numel = nbytes + mod.weight_nbytes(), numel + ctx.linear(name).weight.numel()
             ctx.replace(name, mod)
         ctx.method_state.update({"assignment": dict(assignment), "avg_bits": 8 * nbytes / numel})
+
+
+def searched_assignment(calibration) -> dict[str, str]:
+    found = (calibration.meta.get("search") or {}) if calibration is not None else {}
+    if found.get("method") != "qua2sedimo" or not found.get("assignment"):
+        raise ValueError("qua2sedimo quantizes with a searched assignment, and this calibration holds none: "
+                         "run calib = calibrate(pipe, prompts, config=cfg) with the qua2sedimo config (it runs "
+                         "the search), then quantize(model, cfg, calib)")
+    return found["assignment"]
 
 
 @dataclass
@@ -91,10 +117,12 @@ class SearchResult:
 
 
 def search(pipe, config: QuantConfig, *, workdir: str | Path | None = None, progress: bool = True,
-           call_kwargs: dict | None = None, labeller: qs.Labeller | None = None) -> SearchResult:
+           call_kwargs: dict | None = None, labeller: qs.Labeller | None = None,
+           conditions: list | None = None) -> SearchResult:
     """Run the Qua²SeDiMo search on ``pipe`` (its transformer stays full precision) and return the
     configuration to quantize with. With ``workdir`` the option bank, the labels (resumable), the
-    insight plots and table are written there."""
+    insight plots and table are written there. ``conditions`` (prompts or class labels) replace the
+    options' ``label_prompts``."""
     s = settings(config)
     times: dict[str, float] = {}
     start = time.perf_counter()
@@ -117,10 +145,17 @@ def search(pipe, config: QuantConfig, *, workdir: str | Path | None = None, prog
 
     start = time.perf_counter()
     if labeller is None:
-        labeller = default_labeller(pipe, s, call_kwargs)
+        labeller = default_labeller(pipe, s if conditions is None else {**s, "label_prompts": conditions}, call_kwargs)
     fp = qs.fingerprint(bank, {**labeller.settings, "sample_seed": s["seed"]})
     store = qs.LabelStore(work / "labels.json" if work else None, fp)
-    labels = qs.label_configs(bank, labeller, store, range(s["num_configs"]), seed=s["seed"], progress=progress)
+    deadline = None if s["time_budget_s"] is None else time.monotonic() + s["time_budget_s"]
+    labels = qs.label_configs(bank, labeller, store, range(s["num_configs"]), seed=s["seed"], progress=progress,
+                              deadline=deadline)
+    if len(labels) < s["num_configs"] and len(labels) < max(2 * s["folds"], 4):
+        raise TimeoutError(f"qua2sedimo: the time budget (time_budget_s={s['time_budget_s']}) ran out after "
+                           f"{len(labels)} of {s['num_configs']} labels, too few to train the predictor; "
+                           + ("run again with the same workdir to resume" if work else
+                              "give more time, or a workdir so a re-run resumes"))
     times["labels"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -253,5 +288,5 @@ def _preset(act_bits: int | None):
                                options=dict(DEFAULTS))
 
 
-register_preset("qua2sedimo-w3.5", _preset(None), quick=False)
-register_preset("qua2sedimo-w3.5a8", _preset(8), quick=False)
+register_preset("qua2sedimo-w3.5", _preset(None), quick=False, small=SMALL)
+register_preset("qua2sedimo-w3.5a8", _preset(8), quick=False, small=SMALL)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ... import distributed as dist
 from ...config import LayerScheme
+from ...progress import report
 from ...layers import LAYER_TYPES, CodebookLinear, QuantLinear, QuantModule
 from ...quantizers import check_finite, dequantize, int_range, quantize
 
@@ -203,6 +204,7 @@ class OptionBank:
                     e.module.to(device)
                 entries[name], numel[name] = built, size(name)
                 bar.update(1)
+                report("qua2sedimo options", len(entries), len(names))
         return cls(entries, numel, act_bits)
 
     @property

@@ -30,10 +30,12 @@ def range_index(timestep: float, boundaries: Sequence[float]) -> int:
 
 def timestep_boundaries(timesteps: torch.Tensor, ranges: int) -> list[float]:
     """Split the calibration run's steps into ``ranges`` runs of (nearly) equal step counts and return
-    the timestep values between them, descending (midpoints, so nearby samplers fall alike)."""
+    the timestep values between them, descending (midpoints, so nearby samplers fall alike). A run of
+    fewer steps than ``ranges`` gets one range per step: statistics only exist per recorded step."""
     t = sorted((float(v) for v in timesteps), reverse=True)
-    if ranges < 1 or ranges > len(t):
+    if ranges < 1 or not t:
         raise ValueError(f"cannot split {len(t)} calibration steps into {ranges} timestep ranges")
+    ranges = min(ranges, len(t))
     cuts = [round(i * len(t) / ranges) for i in range(1, ranges)]
     return [(t[c - 1] + t[c]) / 2 for c in cuts]
 

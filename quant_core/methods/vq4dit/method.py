@@ -41,6 +41,7 @@ from ...calibration import MODEL_INPUTS, calibrate, decode_model_call
 from ...sampling import takes_prompts
 from ...config import QuantConfig, check_options, register_preset
 from ...passes.kmeans import kmeans, nearest
+from ...progress import report
 from ...layers import CodebookLinear
 from ...models import block_modules
 from .. import register_method
@@ -391,6 +392,7 @@ class _Calibration:
         try:
             with torch.enable_grad():
                 while self.step < o.steps:
+                    report("vq4dit calibrate", self.step, o.steps)
                     if self.step >= harden_step:
                         by_threshold = by_threshold if by_threshold is not None else self._hardened()
                         for m in self.soft.values():
@@ -411,7 +413,7 @@ class _Calibration:
                     if o.time_budget_s is not None and time.monotonic() - t0 > o.time_budget_s:
                         stopped = True
                         break
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, a GUI's interrupt raised from on_progress: keep the work done
             self._save_state()
             raise
         finally:
@@ -426,17 +428,22 @@ class _Calibration:
         return sum(bool(m.hardened) for m in self.soft.values())
 
 
+def check_weight_only(config: QuantConfig) -> None:
+    if config.act_bits is not None or any(o.get("act_bits") for o in config.layers.values()):
+        raise ValueError("vq4dit quantizes weights only: set act_bits=None (activations stay in the compute dtype)")
+
+
 @register_method("vq4dit")
 class VQ4DiT:
     def needs(self, config: QuantConfig) -> tuple[str, ...]:
+        check_weight_only(config)  # before anyone records a trajectory for a config that cannot run
         return (MODEL_INPUTS,)
 
     def apply(self, ctx) -> None:
-        if ctx.config.act_bits is not None or any(o.get("act_bits") for o in ctx.config.layers.values()):
-            raise ValueError("vq4dit quantizes weights only: set act_bits=None (activations stay in the compute dtype)")
+        check_weight_only(ctx.config)
         if ctx.calibration.inputs is None or not ctx.calibration.inputs.calls:
-            raise ValueError("vq4dit needs the teacher's recorded model inputs: calibrate with "
-                             "vq4dit.zero_data_calibration(pipe) or calibrate(pipe, prompts, needs=('model_inputs',))")
+            raise ValueError("vq4dit needs the teacher's recorded model inputs: calib = calibrate(pipe, prompts, "
+                             "config=cfg) records them")
         opts = VQ4DiTOptions.from_config(ctx.config)
         cal = _Calibration(ctx, opts)
         ctx.method_state.update(cal.run())
@@ -451,7 +458,11 @@ class VQ4DiT:
 # distance) init the ratios stay soft for hundreds of steps and hardening then picks worse codewords
 # than the nearest; the quadratic form pushes them to one-hot from the start (docs/vq4dit.md table).
 PRESET_OPTIONS = {"ratio_init": "distance", "ratio_loss": "quadratic", "lr_ratio": 5e-2}
+# Documented small settings (QuantConfig.preset(name, small=True)): seconds on the built-in PixArt, for
+# tests and smoke runs; fewer optimisation steps and k-means iterations, random k-means init (k-means++
+# draws k centres one after another), so less fidelity than the preset.
+SMALL = {"steps": 8, "kmeans_iters": 3, "kmeans_init": "random"}
 register_preset("vq4dit-w2", lambda: QuantConfig(method="vq4dit", weight_bits=2, act_bits=None,
-                                                 options=dict(PRESET_OPTIONS)), quick=False)
+                                                 options=dict(PRESET_OPTIONS)), quick=False, small=SMALL)
 register_preset("vq4dit-w3", lambda: QuantConfig(method="vq4dit", weight_bits=3, act_bits=None,
-                                                 options=dict(PRESET_OPTIONS)), quick=False)
+                                                 options=dict(PRESET_OPTIONS)), quick=False, small=SMALL)

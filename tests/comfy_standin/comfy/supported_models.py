@@ -2,6 +2,7 @@
 ComfyUI's module names (blocks.N.attn.qkv/proj, cross_attn.q_linear/kv_linear/proj, mlp.fc1/fc2,
 t_block, x_embedder, t_embedder, y_embedder, final_layer), built with ``device=`` like ComfyUI."""
 import math
+import uuid
 
 import torch
 from torch import nn
@@ -96,8 +97,11 @@ class BaseModel(nn.Module):
         cfg = {k: v for k, v in model_config.unet_config.items() if k != "image_model"}
         self.diffusion_model = PixArtMS(**cfg, device=device)
 
-    def apply_model(self, x, t, c_crossattn=None, **kwargs):
-        return self.diffusion_model(x, t * 999, context=c_crossattn)
+    def apply_model(self, x, t, c_crossattn=None, transformer_options=None, **kwargs):
+        # as ComfyUI's samplers: per-call options with plain lists, UUIDs and tensors (not model inputs)
+        opts = dict(transformer_options or {}, cond_or_uncond=[0, 1][:x.shape[0]], sigmas=t,
+                    uuids=[uuid.UUID(int=i) for i in range(x.shape[0])])
+        return self.diffusion_model(x, t * 999, context=c_crossattn, control=None, transformer_options=opts)
 
 
 class PixArtSigma:
