@@ -53,7 +53,8 @@ def evaluate(pipe, presets, steps):
     pipe.set_progress_bar_config(disable=True)
     ref_lat, ref_img = sample(pipe, steps)
     kw = {k: v for k, v in PIXART_CALL.items() if k != "num_inference_steps"}
-    calib = calibrate(pipe, PROMPTS, num_inference_steps=steps, progress=False, **kw)
+    calib = calibrate(pipe, PROMPTS, num_inference_steps=steps, needs=("act_absmax", "act_samples"),
+                      progress=False, **kw)
     for spec in presets:
         q = copy.deepcopy(pipe)
         t0 = time.time()
