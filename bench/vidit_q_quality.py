@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
+import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-PRESETS = ("rtn-w8a8", "rtn-w8a8-dynamic", "rtn-w4a8", "vidit-q-w8a8", "vidit-q-w6a6", "vidit-q-w4a8-mp")
+PRESETS = ("rtn-w8a8", "rtn-w8a8-dynamic", "rtn-w4a8", "vidit-q-w8a8", "vidit-q-w6a6", "vidit-q-w4a8-mp",
+           "vidit-q-w4a8-mp:target_bits=4.5")
 ABLATION = ('vidit-q-w8a8:smooth=false,rotation="none"', 'vidit-q-w8a8:rotation="none"',
             'vidit-q-w8a8:smooth=false', 'vidit-q-w8a8:rotation="block"')
 PROMPTS = ["a red fox in snow", "a city at night"]
@@ -53,7 +58,8 @@ def evaluate(pipe, presets, steps):
     pipe.set_progress_bar_config(disable=True)
     ref_lat, ref_img = sample(pipe, steps)
     kw = {k: v for k, v in PIXART_CALL.items() if k != "num_inference_steps"}
-    calib = calibrate(pipe, PROMPTS, num_inference_steps=steps, progress=False, **kw)
+    calib = calibrate(pipe, PROMPTS, num_inference_steps=steps, needs=("act_absmax", "act_samples"),
+                      progress=False, **kw)
     for spec in presets:
         q = copy.deepcopy(pipe)
         t0 = time.time()
@@ -75,6 +81,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     presets = args.presets + (list(ABLATION) if args.ablation else [])
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality import git_commit
+
+    print(f"device: CPU ({platform.machine()}, 2 threads) · date: {datetime.date.today()} · commit: {git_commit()} · "
+          f"command: `python bench/vidit_q_quality.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
     print(f"{args.steps} steps, DPM-Solver, seed 0, PixArt-{args.variant} built-in, calibration 2 prompts")
     print("| model | preset | image PSNR dB | latent rel. error | weight bytes / fp16 | quantize s |")
     print("|---|---|---|---|---|---|")

@@ -18,7 +18,7 @@ import torch
 from ..quant_core import quantizers as qz
 from .dispatch import backend, op, register_triton
 
-__all__ = ["quant_linear", "codebook_linear", "op", "backend", "register_triton"]
+__all__ = ["quant_linear", "plane_linear", "codebook_linear", "op", "backend", "register_triton"]
 
 
 def quant_linear(
@@ -44,6 +44,26 @@ def quant_linear(
         xq, sx = op("act_quant", dev)(x, act_bits, gs, **rot)
     return op("int_gemm", dev)(xq, sx, weight, weight_scale, weight_zero, bias, bits=bits,
                                in_features=in_features, out_dtype=x.dtype)
+
+
+def plane_linear(x: torch.Tensor, *, high, low, scale, view_scale, bias=None, bits: int, in_features: int,
+                 act_bits: int, smooth=None, rotation_signs=None, rotation_block: int | None = None) -> torch.Tensor:
+    """``x [M, K] -> y [M, N]`` for a weight stored as two packed 4-bit planes (``q8 = 16 * high +
+    low``, quantizers.split_planes), activations dynamic per token. ``bits=4`` reads the high plane
+    only, with its own ``view_scale``: one W4A8 GEMM over half the bytes. ``bits=8`` adds the low
+    plane's W4A8 GEMM on the same quantized activations; the factor 16 goes on the activation scales,
+    so nothing is derived from the weight per call."""
+    if bits not in (4, 8):
+        raise ValueError(f"plane_linear runs 4 (high plane) or 8 (both planes) weight bits, got {bits}")
+    dev = x.device
+    xq, sx = op("act_quant", dev)(x, act_bits, None, smooth=smooth, rotation_signs=rotation_signs,
+                                  rotation_block=rotation_block)
+    gemm = op("int_gemm", dev)
+    if bits == 4:
+        return gemm(xq, sx, high, view_scale, None, bias, bits=4, in_features=in_features, out_dtype=x.dtype)
+    y = gemm(xq, sx * 16, high, scale, None, None, bits=4, in_features=in_features, out_dtype=torch.float32)
+    y = y + gemm(xq, sx, low, scale, None, bias, bits=4, in_features=in_features, out_dtype=torch.float32)
+    return y.to(x.dtype)
 
 
 def codebook_linear(x: torch.Tensor, *, indices, codebook, bias=None, bits: int, in_features: int,

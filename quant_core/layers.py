@@ -163,6 +163,20 @@ def branches_lifted(model: nn.Module):
             m.lora_branches = branches
 
 
+def input_basis(w: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tensor | None,
+                block: int | None) -> torch.Tensor:
+    """A weight stored in the balanced basis (smoothed, then rotated) back in the original input
+    basis: undo the rotation (the normalised Hadamard matrices are symmetric: their own inverse),
+    then the smoothing."""
+    from ..kernels import reference
+
+    if signs is not None:
+        w = reference.block_hadamard(w, torch.ones_like(signs), block) * signs.float()
+    if smooth is not None:
+        w = w / smooth.float()
+    return w
+
+
 @register_layer_type("linear")
 class QuantLinear(QuantModule):
     """A Linear whose weight is stored quantized per ``scheme`` (see config.LayerScheme).
@@ -287,12 +301,13 @@ class QuantLinear(QuantModule):
 
     # -- use ---------------------------------------------------------------------------------
     def weight_view(self, bits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The stored weight, or a lower-bit view of it: ``(packed or int8 weight, scale, bits)``.
+        """The stored weight, or a lower-bit view of it: ``(packed weight, scale, bits)``.
 
         A ``bits`` view of a symmetric integer weight re-rounds the stored integers onto the coarser
         grid, ``q_b = round(q * qmax_b / qmax)`` with ``scale_b = scale * qmax / qmax_b`` (the RTN
-        scale of b bits), and is returned as int8 so the 8-bit GEMM runs it. Used for per-timestep
-        weight bit switching (ViDiT-Q-MP) without storing a second copy.
+        scale of b bits), packed at b bits. Analysis and load-time derivation only (a checkpoint's
+        legacy W8/W4 switch derives its views once, switching.TimestepSwitchLinear): a forward
+        takes a prepared view and never re-rounds.
         """
         s = self.scheme
         if bits is None or bits == s.weight_bits:
@@ -305,7 +320,7 @@ class QuantLinear(QuantModule):
         qmax, qmax_b = qz.int_range(s.weight_bits, True)[1], qz.int_range(bits, True)[1]
         q = reference.unpack_weight(self.weight, s.weight_bits, self.in_features).float()
         q_b = torch.round(q * (qmax_b / qmax)).clamp(-qmax_b, qmax_b).to(torch.int8)
-        return q_b, self.weight_scale * (qmax / qmax_b), 8
+        return qz.pack_bits(q_b, bits), self.weight_scale * (qmax / qmax_b), bits
 
     def effective_weight(self, bits: int | None = None) -> torch.Tensor:
         from ..kernels import reference
@@ -314,12 +329,7 @@ class QuantLinear(QuantModule):
         w = reference.dequant_weight(weight, scale, self.weight_zero_point,
                                      bits=stored_bits, weight_format=self.scheme.weight_format,
                                      in_features=self.in_features, dtype=torch.float32)
-        if self.rotation_signs is not None:  # the normalised Hadamard matrices are symmetric: their own inverse
-            w = reference.block_hadamard(w, torch.ones_like(self.rotation_signs), self.rotation_block)
-            w = w * self.rotation_signs.float()
-        if self.smooth_scale is not None:
-            w = w / self.smooth_scale.float()
-        return w
+        return input_basis(w, self.smooth_scale, self.rotation_signs, self.rotation_block)
 
     def format_name(self) -> str:
         return self.scheme.name
@@ -352,10 +362,11 @@ class QuantLinear(QuantModule):
         if self.rotation_signs is not None:
             _require((self.rotation_signs.abs() == 1).all(), "rotation_signs must all be +1 or -1")
 
-    def forward(self, x: torch.Tensor, weight_bits: int | None = None) -> torch.Tensor:
-        """``weight_bits`` below the stored width runs a :meth:`weight_view` of the weight."""
+    def forward(self, x: torch.Tensor, view: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        """``view`` = ``(packed weight, scale, bits)`` prepared by :meth:`weight_view` runs in place of
+        the stored weight (same scheme otherwise)."""
         s = self.scheme
-        weight, weight_scale, bits = self.weight_view(weight_bits)
+        weight, weight_scale, bits = view or (self.weight, self.weight_scale, s.weight_bits)
         x2 = x.reshape(-1, self.in_features)
         try:
             if s.act_mode is None:  # quantized activations check on the way; weight-only must too

@@ -147,6 +147,30 @@ def quantize_weight(
     return quantize(w, scale, zero, bits, symmetric), scale, zero
 
 
+PLANE_QMAX = 119  # 8-bit range whose high 4-bit plane, round(q / 16), stays in the symmetric [-7, 7]
+
+
+def split_planes(w: torch.Tensor, name: str = "weight"):
+    """An 8-bit per-channel RTN of ``w [N, K]`` stored as two signed 4-bit planes, ``q8 = 16 * high +
+    low`` with ``high`` in [-7, 7] and ``low`` in [-8, 7] (so ``|q8| <= 119``), plus a 4-bit view.
+
+    ``high`` alone is a 4-bit weight: ``high = round(q8 / 16)`` (ties up), on a grid 16x coarser than
+    q8's. Its ``view_scale`` is the least-squares scale of ``high`` against ``w`` per row, so the
+    view is at least as close to ``w`` as ``16 * scale`` would make it. Returns ``(high, low, scale,
+    view_scale)``: int8, int8, float32 ``[N, 1]``, float32 ``[N, 1]``.
+    """
+    check_finite(w, name)
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1, keepdim=True) / PLANE_QMAX).clamp_min(SCALE_EPS)
+    q8 = torch.round(wf / scale).clamp(-PLANE_QMAX, PLANE_QMAX)
+    high = torch.floor((q8 + 8) / 16)
+    low = q8 - 16 * high
+    hh = (high * high).sum(dim=1, keepdim=True)
+    fitted = (high * wf).sum(dim=1, keepdim=True) / hh.clamp_min(1.0)
+    view_scale = torch.where(hh > 0, fitted, 16 * scale).clamp_min(SCALE_EPS)
+    return high.to(torch.int8), low.to(torch.int8), scale, view_scale
+
+
 def quantize_per_token(
     x: torch.Tensor, bits: int = 8, *, group_size: int | None = None, name: str = "activation"
 ) -> tuple[torch.Tensor, torch.Tensor]:

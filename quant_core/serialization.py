@@ -5,10 +5,15 @@ Folder format (a diffusers model folder, DESIGN.md §3)::
     config.json                           the model's diffusers config + "quantization_config"
     diffusion_pytorch_model.safetensors   quantized layers' buffers + the kept full-precision tensors
 
-``quantization_config`` = ``{"quant_method": "ditq", "format_version": 1, "method": ..., "recipe":
+``quantization_config`` = ``{"quant_method": "ditq", "format_version": 2, "method": ..., "recipe":
 QuantConfig, "layers": {module name: layer spec}, "config_groups"/"ignore": the same in
 compressed-tensors' vocabulary, "method_state": what a method must keep (seeds, genomes)}``.
 ``layers`` is authoritative: a model is rebuilt from it and the tensors alone.
+
+Versions: the rule is to bump ``format_version`` when a file this version writes may hold something
+an older reader would misread or cannot build. 2 added the ``split_planes`` layer (ViDiT-Q-MP's
+W8 as two 4-bit planes); format-1 files still load unchanged (their ``timestep_switch`` layers derive
+any lower-bit view once at load).
 
 Single-file format: the same tensors in one ``.safetensors`` whose header metadata holds
 ``ditq.quantization_config`` and ``ditq.model_config`` as JSON strings.
@@ -48,7 +53,7 @@ from torch import nn
 from . import distributed as dist
 from .layers import FP16_MAX, LAYER_TYPES, QuantModule
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
 

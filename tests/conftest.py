@@ -58,7 +58,8 @@ def calib_kwargs(builtin):
 def tiny_calib(tiny_pipe, calib_kwargs):
     from ditq import calibrate
 
-    return calibrate(tiny_pipe, ["a red fox in snow", "a city at night"], **calib_kwargs)
+    return calibrate(tiny_pipe, ["a red fox in snow", "a city at night"], needs=("act_absmax", "act_samples"),
+                     **calib_kwargs)
 
 
 @pytest.fixture

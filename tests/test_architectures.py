@@ -103,7 +103,7 @@ def test_quantize_save_load_fresh_process_exact(tmp_path, models):
         for preset, max_ratio in PRESETS.items():
             model = copy.deepcopy(fp_model)
             config = QuantConfig.preset(preset)
-            calib = _calibrate_on_inputs(model, family, ("act_absmax",)) if preset.startswith("vidit") else None
+            calib = _calibrate_on_inputs(model, family, ("act_absmax", "act_samples")) if preset.startswith("vidit") else None
             report = quantize(model, config, calib, progress=False)
             assert report.ratio <= max_ratio, (family, preset, report.ratio)
             out = forward(model, example_inputs(family))

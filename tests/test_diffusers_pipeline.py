@@ -71,13 +71,14 @@ def test_quantize_on_load_makes_real_quantized_layers(qpipe, fp_dir):
 
 def test_saved_repo_is_stock_and_reloads_exactly(qpipe, q_dir, q_out, call_kwargs):
     from ditq import QuantizedPixArtPipeline
+    from ditq.quant_core.serialization import FORMAT_VERSION
     from diffusers import PixArtAlphaPipeline
 
     index = json.loads((q_dir / "model_index.json").read_text())
     assert index["_class_name"] == "PixArtAlphaPipeline"
     assert index["transformer"] == ["diffusers", "PixArtTransformer2DModel"]
     qcfg = json.loads((q_dir / "transformer" / "config.json").read_text())["quantization_config"]
-    assert qcfg["quant_method"] == "ditq" and qcfg["format_version"] == 1 and len(qcfg["layers"]) == 40
+    assert qcfg["quant_method"] == "ditq" and qcfg["format_version"] == FORMAT_VERSION and len(qcfg["layers"]) == 40
     reloaded = QuantizedPixArtPipeline.from_pretrained(q_dir)
     assert type(reloaded).__name__ == "QuantizedPixArtAlphaPipeline"
     assert rel_l2(q_out, sample(reloaded, call_kwargs)) < 1e-6

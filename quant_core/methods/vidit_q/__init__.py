@@ -5,11 +5,13 @@
   :func:`analyze_sensitivity`; presets ``vidit-q-*``.
 - ``sensitivity``: metric-decoupled sensitivity analysis (§4.3): per layer group, block and timestep
   range, a metric per group (pluggable), the heat map, and the bit allocation under a budget.
-- ``switching``: :class:`TimestepSwitchLinear`, the layer that switches weight variants by timestep
-  range (the MP plan and the earlier timestep-aware smoothing).
+- ``switching``: :class:`SplitPlaneLinear`, the MP plan's W8/W4 layer (W8 as two 4-bit planes, W4
+  reads the high one), and :class:`TimestepSwitchLinear`, one weight variant per timestep range
+  (the earlier timestep-aware smoothing; format-1 W8/W4 switches).
 """
 from .method import ViDiTQOptions, analyze_sensitivity, paper_bit_plan
-from .sensitivity import SensitivityReport
-from .switching import TimestepSwitchLinear
+from .sensitivity import SensitivityReport, budget_plan
+from .switching import SplitPlaneLinear, TimestepSwitchLinear
 
-__all__ = ["SensitivityReport", "TimestepSwitchLinear", "ViDiTQOptions", "analyze_sensitivity", "paper_bit_plan"]
+__all__ = ["SensitivityReport", "SplitPlaneLinear", "TimestepSwitchLinear", "ViDiTQOptions", "analyze_sensitivity",
+           "budget_plan", "paper_bit_plan"]

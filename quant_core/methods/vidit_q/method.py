@@ -10,13 +10,21 @@ Per layer (§4.1-4.2):
   floored) and the weight maxima with exponent ``alpha`` (smoothing.py), then a randomised Hadamard
   rotation (rotation.py; signs stored with the layer). PixArt's modulated LayerNorm has no affine
   weight to fold the smoothing into, so the activation side is applied online, inside the layer's
-  activation quantization (fused on the kernel path);
+  activation quantization (fused on the kernel path). With ``choose_balance`` (default) each layer
+  keeps the form among {smoothing at alpha, none} x {rotation, none} whose output is closest to the
+  full-precision one on the calibration rows, so balancing never costs accuracy where a layer has
+  no outliers to balance;
 - option ``timestep_aware``: the earlier version's per-timestep-range smoothing, one re-quantized
   weight per range, switched at inference (switching.py).
 
-ViDiT-Q-MP (§4.3): weight bits per (layer group x block x timestep range), switched per step;
-``bit_plan`` comes from :func:`analyze_sensitivity` + ``SensitivityReport.allocate`` or, without one,
-the released W4A8-MP recipe (FFN and the first quarter of the steps at W8, the rest at W4).
+ViDiT-Q-MP (§4.3): weight bits W4 or W8 per (layer group x block x timestep range). The plan is an
+explicit ``bit_plan`` (:func:`analyze_sensitivity` + ``SensitivityReport.allocate``), or allocated
+here under ``memory_fraction`` (weight bytes vs fp16) and/or ``target_bits`` (average weight width
+over parameters and steps) from a calibration-data proxy: the activation-weighted relative weight
+error W4 vs W8 of each layer in each range (:func:`plane_gains`); with neither budget, the released
+recipe (FFN and the first quarter of the steps at W8). Cells at W4 throughout are 4-bit QuantLinears,
+at W8 throughout 8-bit ones, switching cells SplitPlaneLinear (two 4-bit planes, W4 ranges read
+one); all three come from one plane split, so nothing is quantized twice.
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ... import quantizers as qz
 from ...passes import rotation as rot
 from ...passes import smoothing
 from ...calibration import CalibrationData
@@ -36,9 +45,10 @@ from ...config import LayerScheme, QuantConfig, check_options, register_preset
 from ...layers import QuantLinear
 from ...metrics import rel_l2
 from ...models import LayerInfo, select_layers, set_submodule
-from .sensitivity import RunOutputs, SensitivityReport, group_metric, record_model_outputs
-from .switching import (TimestepSwitchLinear, range_index, range_step_counts, timestep_boundaries,
-                         timestep_hook, track_timesteps)
+from .sensitivity import (CellCost, RunOutputs, SensitivityReport, average_bits, budget_plan, group_metric,
+                          record_model_outputs)
+from .switching import (SplitPlaneLinear, TimestepSwitchLinear, range_index, range_step_counts,
+                        timestep_boundaries, timestep_hook, track_timesteps)
 from .. import register_method
 
 # Activation exponent per layer class (regex over the module name, last match wins). 0.3 is the
@@ -46,6 +56,8 @@ from .. import register_method
 # ff / Wan ffn / MMDiT ff_context, ComfyUI mlp.fc2).
 DEFAULT_ALPHA = {r".*": 0.3, r"(ff|ffn|ff_context)\.net\.2$|mlp\.fc2$": 0.12}
 SWEEP_ALPHAS = (0.1, 0.3, 0.5, 0.7)  # the official sweep_alpha.py grid
+SCORE_ROWS = 128  # calibration rows a balancing candidate is scored on (enough to rank; cheap)
+MP_LOW, MP_HIGH = 4, 8  # the plane format: W8 = two 4-bit planes, W4 = the high one
 
 
 @dataclass
@@ -54,17 +66,20 @@ class ViDiTQOptions:
 
     alpha: float | dict[str, float] = field(default_factory=lambda: dict(DEFAULT_ALPHA))
     alpha_sweep: list[float] | None = None  # candidates scored per layer on calibration rows
-    balance: str = r".*"                    # regex: layers that get smoothing + rotation
+    balance: str = r".*"                    # regex: layers that may get smoothing + rotation
     smooth: bool = True
     rotation: str = "block"                 # block (default: fused on the GPU) | full | none
     rotation_block: int = 128               # max block for rotation="block"
+    choose_balance: bool = True             # per layer, smoothing/rotation on or off by calibration error
     seed: int = 0
     act_floor: float = smoothing.ACT_FLOOR
     timestep_aware: bool = False            # per-range smoothing (the paper's earlier version)
     timestep_ranges: int = 2
-    mixed_precision: bool = False           # ViDiT-Q-MP: weight bits per group x block x range
-    mp_ranges: int = 4
-    mp_high_bits: int = 8
+    mixed_precision: bool = False           # ViDiT-Q-MP: W4/W8 per group x block x range
+    mp_ranges: int = 4                      # at most; fewer when calibration has fewer steps
+    mp_high_bits: int = MP_HIGH
+    memory_fraction: float | None = None    # MP budget: block-Linear weight bytes vs fp16
+    target_bits: float | None = None        # MP budget: average weight bits over params x steps
     bit_plan: dict | None = None            # SensitivityReport.allocate(...) output
 
     @classmethod
@@ -72,9 +87,18 @@ class ViDiTQOptions:
         check_options(config, {f.name for f in dataclasses.fields(cls)})
         opts = cls(**config.options)
         rot.rotation_block(256, opts.rotation, opts.rotation_block)  # validates mode and block size
-        if opts.mixed_precision and config.weight_bits >= opts.mp_high_bits:
-            raise ValueError(f"vidit-q: mixed precision switches between weight_bits={config.weight_bits} "
-                             f"and mp_high_bits={opts.mp_high_bits}; the first must be smaller")
+        if opts.mixed_precision:
+            if (config.weight_bits, opts.mp_high_bits) != (MP_LOW, MP_HIGH) or config.act_mode != "dynamic_token":
+                raise ValueError(f"vidit-q: mixed precision stores W{MP_HIGH} as two {MP_LOW}-bit planes and "
+                                 f"switches between them: it needs weight_bits={MP_LOW}, mp_high_bits={MP_HIGH} "
+                                 f"and act_mode 'dynamic_token' (got {config.weight_bits}, {opts.mp_high_bits}, "
+                                 f"{config.act_mode!r})")
+            if opts.timestep_aware:
+                raise ValueError("vidit-q: mixed_precision and timestep_aware cannot be combined")
+        if opts.memory_fraction is not None and not 0 < opts.memory_fraction <= 1:
+            raise ValueError(f"vidit-q: memory_fraction {opts.memory_fraction} must be in (0, 1]")
+        if opts.target_bits is not None and not MP_LOW <= opts.target_bits <= MP_HIGH:
+            raise ValueError(f"vidit-q: target_bits {opts.target_bits} must be in [{MP_LOW}, {MP_HIGH}]")
         return opts
 
     def alpha_for(self, layer: str) -> float:
@@ -87,6 +111,16 @@ class ViDiTQOptions:
         if chosen is None:
             raise ValueError(f"vidit-q: no alpha pattern matches layer {layer!r} (alpha={self.alpha})")
         return chosen
+
+    def balance_candidates(self, layer: str) -> list[tuple[float | None, bool]]:
+        """(smoothing alpha or None, rotate?) forms a layer may take."""
+        if not re.search(self.balance, layer):
+            return [(None, False)]
+        alphas: list[float | None] = list(self.alpha_sweep or [self.alpha_for(layer)]) if self.smooth else []
+        rotations = [self.rotation != "none"]
+        if self.choose_balance:
+            alphas, rotations = [None, *alphas], sorted({False, *rotations})
+        return [(a, r) for a in (alphas or [None]) for r in rotations]
 
 
 def cell_key(info: LayerInfo) -> str:
@@ -102,108 +136,233 @@ def paper_bit_plan(layers: dict[str, LayerInfo], ranges: int, low: int, high: in
             for i in layers.values()}
 
 
+@dataclass
+class Balance:
+    """A layer's channel balancing: weight in the balanced basis and what the layer stores for it."""
+
+    weight: torch.Tensor
+    smooth_scale: torch.Tensor | None
+    rotation_signs: torch.Tensor | None
+    rotation_block: int | None
+
+    def stored(self) -> dict[str, Any]:
+        return {"smooth_scale": self.smooth_scale, "rotation_signs": self.rotation_signs,
+                "rotation_block": self.rotation_block}
+
+
 class _Builder:
     """Builds one layer's quantized form from its Linear and the calibration statistics."""
 
     def __init__(self, config: QuantConfig, opts: ViDiTQOptions, calibration: CalibrationData):
         self.config, self.opts, self.calibration = config, opts, calibration
 
-    def balanced(self, name: str, linear: nn.Linear, scheme: LayerScheme, alpha: float,
-                 steps: torch.Tensor | None = None) -> QuantLinear:
-        """Smooth (activation maxima over ``steps``, default all) and rotate, then RTN."""
-        o = self.opts
-        if not re.search(o.balance, name):
-            return QuantLinear.from_linear(linear, scheme, name=name)
+    def balance(self, name: str, linear: nn.Linear, alpha: float | None, rotate: bool,
+                steps: torch.Tensor | None = None) -> Balance:
+        """Smooth at ``alpha`` (activation maxima over ``steps``, default all; None: no smoothing),
+        then rotate if ``rotate``."""
         w = linear.weight.detach().float()
         s = None
-        if o.smooth:
-            a = smoothing.activation_max(self.calibration.get(name, "act_absmax"), steps, o.act_floor)
+        if alpha is not None:
+            a = smoothing.activation_max(self.calibration.get(name, "act_absmax"), steps, self.opts.act_floor)
             s = smoothing.smoothing_scale(a, w, alpha)
             w = w * s
-        block = rot.rotation_block(w.shape[1], o.rotation, o.rotation_block)
-        signs = rot.random_signs(w.shape[1], o.seed, name) if block else None
+        block = rot.rotation_block(w.shape[1], self.opts.rotation, self.opts.rotation_block) if rotate else None
+        signs = rot.random_signs(w.shape[1], self.opts.seed, name) if block else None
         if block:
             w = rot.rotate_weight(w, signs, block)
-        return QuantLinear.from_linear(linear, scheme, name=name, weight=w, smooth_scale=s,
-                                       rotation_signs=signs, rotation_block=block)
+        return Balance(w, s, signs, block)
 
-    def choose_alpha(self, name: str, linear: nn.Linear, scheme: LayerScheme) -> float:
-        """The configured alpha, or the sweep candidate with the least output error on the
-        calibration rows (``act_samples``) with the layer quantized as stored (``scheme``)."""
-        if not self.opts.alpha_sweep or not self.opts.smooth or not re.search(self.opts.balance, name):
-            return self.opts.alpha_for(name)
-        x = self.calibration.get(name, "act_samples").to(linear.weight.dtype)
+    def quant_linear(self, name: str, linear: nn.Linear, scheme: LayerScheme, b: Balance) -> QuantLinear:
+        return QuantLinear.from_linear(linear, scheme, name=name, weight=b.weight, **b.stored())
+
+    def choose(self, name: str, linear: nn.Linear, scheme: LayerScheme) -> tuple[tuple[float | None, bool], Balance]:
+        """The balancing candidate whose ``scheme`` layer output is closest to the FP output on the
+        calibration rows (``act_samples``), and its Balance; the only candidate when there is no choice."""
+        candidates = self.opts.balance_candidates(name)
+        balances = {c: self.balance(name, linear, *c) for c in candidates}
+        if len(candidates) == 1:
+            return candidates[0], balances[candidates[0]]
+        x = self.calibration.get(name, "act_samples")[:SCORE_ROWS].to(linear.weight.dtype)
         ref = linear(x)
-        errors = {a: rel_l2(ref, self.balanced(name, linear, scheme, a)(x)) for a in self.opts.alpha_sweep}
-        return min(errors, key=errors.get)
+        errors = {c: rel_l2(ref, self.simulate(name, linear, scheme, b, x)) for c, b in balances.items()}
+        best = min(errors, key=errors.get)
+        return best, balances[best]
+
+    def simulate(self, name: str, linear: nn.Linear, scheme: LayerScheme, b: Balance, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output for ``x`` with this balancing, fake-quantized in float32 (scoring only:
+        cheaper than building the packed layer and running the exact integer GEMM)."""
+        if scheme.weight_format != "int" or scheme.act_mode not in ("dynamic_token", None) or \
+                scheme.weight_granularity != "channel":
+            return self.quant_linear(name, linear, scheme, b)(x)
+        from ....kernels.reference import transform_input
+
+        w = qz.fake_quantize(b.weight, scheme.weight_bits, symmetric=scheme.weight_symmetric)
+        xt = transform_input(x, b.smooth_scale, b.rotation_signs, b.rotation_block)
+        if scheme.act_mode is not None:
+            xt = qz.fake_quantize(xt, scheme.act_bits)
+        y = xt @ w.t()
+        return y if linear.bias is None else y + linear.bias.float()
+
+
+def plane_gains(layer: SplitPlaneLinear, weight: torch.Tensor, act_absmax: torch.Tensor,
+                step_range: torch.Tensor, ranges: int) -> list[float]:
+    """Per timestep range: how much closer W8 is to ``weight`` than the W4 view, as relative error
+    weighted by the range's activation scale, ``sum_j |dW_:j|^2 a_j^2 / sum_j |W_:j|^2 a_j^2`` with
+    ``a_j^2`` the mean over the range's steps of the squared channel maxima (a diagonal-Hessian
+    proxy of the output error), times the range's step count."""
+    w = weight.detach().float()
+    columns = {b: (w - layer.effective_weight(b)).pow(2).sum(dim=0) for b in (MP_LOW, MP_HIGH)}
+    w2 = w.pow(2).sum(dim=0)
+    gains = []
+    for r in range(ranges):
+        a2 = act_absmax[step_range == r].float().pow(2)
+        if not len(a2):
+            gains.append(0.0)
+            continue
+        a2 = a2.mean(dim=0)
+        ref = (w2 * a2).sum().clamp_min(1e-30)
+        gains.append(float(((columns[MP_LOW] - columns[MP_HIGH]) * a2).sum() / ref) * len(step_range[step_range == r]))
+    return gains
+
+
+def layer_bytes(info: LayerInfo, planes: bool, balance: Balance) -> float:
+    """Stored bytes of a layer, as the report counts them on disk (weight buffers and balancing
+    vectors; bias excluded): 4-bit packed weight + scale, or two planes + two scales."""
+    per_plane = info.out_features * (qz.packed_width(info.in_features, MP_LOW) + 4)
+    extra = (0 if balance.smooth_scale is None else 4 * info.in_features) + \
+        (0 if balance.rotation_signs is None else info.in_features)
+    return per_plane * (2 if planes else 1) + extra
 
 
 @register_method("vidit-q")
 class ViDiTQ:
     def needs(self, config: QuantConfig) -> tuple[str, ...]:
         opts = ViDiTQOptions.from_config(config)
-        return ("act_absmax", "act_samples") if opts.alpha_sweep else ("act_absmax",)
+        choice = opts.choose_balance or opts.alpha_sweep
+        return ("act_absmax", "act_samples") if choice else ("act_absmax",)
 
     def apply(self, ctx) -> None:
-        config, opts, calib = ctx.config, ViDiTQOptions.from_config(ctx.config), ctx.calibration
-        builder = _Builder(config, opts, calib)
-        ranges = opts.mp_ranges if opts.mixed_precision else opts.timestep_ranges
-        plan_cells, boundaries = None, None
-        if opts.mixed_precision or opts.timestep_aware:
-            boundaries = (opts.bit_plan or {}).get("boundaries") or timestep_boundaries(calib.timesteps, ranges)
-            ranges = len(boundaries) + 1
+        opts = ViDiTQOptions.from_config(ctx.config)
         if opts.mixed_precision:
-            plan_cells = (opts.bit_plan or {}).get("cells") or paper_bit_plan(
-                ctx.layers, ranges, config.weight_bits, opts.mp_high_bits)
-        step_range = (torch.tensor([range_index(float(t), boundaries) for t in calib.timesteps])
-                      if boundaries is not None else None)
-        alphas: dict[str, float] = {}
-        switched = False
+            self._apply_mixed(ctx, opts)
+        else:
+            self._apply_uniform(ctx, opts)
+
+    def _apply_uniform(self, ctx, opts: ViDiTQOptions) -> None:
+        config, calib = ctx.config, ctx.calibration
+        builder = _Builder(config, opts, calib)
+        boundaries = timestep_boundaries(calib.timesteps, opts.timestep_ranges) if opts.timestep_aware else None
+        step_range = _step_ranges(calib, boundaries)
+        chosen: dict[str, tuple[float | None, bool]] = {}
         for name, info in ctx.iter_layers("vidit-q"):
             linear = ctx.linear(name)
             scheme = config.scheme_for(name, info.in_features)
-            bits = self._layer_bits(plan_cells, info, ranges, scheme.weight_bits)
-            # a layer that switches bits stores the widest and derives the others (symmetric views)
-            stored = dataclasses.replace(scheme, weight_bits=max(bits), weight_symmetric=True) \
-                if len(set(bits)) > 1 else dataclasses.replace(scheme, weight_bits=bits[0])
-            alphas[name] = alpha = builder.choose_alpha(name, linear, stored)
-            if opts.timestep_aware:
-                variants = [builder.balanced(name, linear, stored, alpha, (step_range == r).nonzero().flatten())
-                            for r in range(ranges)]
-                layer = TimestepSwitchLinear(variants, boundaries, list(enumerate(bits)))
-            elif len(set(bits)) > 1:
-                layer = TimestepSwitchLinear([builder.balanced(name, linear, stored, alpha)], boundaries,
-                                             [(0, b) for b in bits])
+            chosen[name], balance = builder.choose(name, linear, scheme)
+            alpha, rotate = chosen[name]
+            if boundaries is not None:
+                variants = [builder.quant_linear(name, linear, scheme, builder.balance(
+                    name, linear, alpha, rotate, (step_range == r).nonzero().flatten()))
+                    for r in range(len(boundaries) + 1)]
+                layer = TimestepSwitchLinear(variants, boundaries, [(r, scheme.weight_bits) for r in range(len(variants))])
             else:
-                layer = builder.balanced(name, linear, stored, alpha)
-            switched |= isinstance(layer, TimestepSwitchLinear)
+                layer = builder.quant_linear(name, linear, scheme, balance)
+            ctx.replace(name, layer)
+        if boundaries is not None:
+            track_timesteps(ctx.model)
+        ctx.method_state.update(_state(opts, chosen, boundaries, None))
+
+    def _apply_mixed(self, ctx, opts: ViDiTQOptions) -> None:
+        """Split every layer into planes once, allocate, then store each cell in the form its plan needs."""
+        config, calib = ctx.config, ctx.calibration
+        builder = _Builder(config, opts, calib)
+        given = opts.bit_plan or {}
+        boundaries = given.get("boundaries") or timestep_boundaries(calib.timesteps, opts.mp_ranges)
+        ranges, step_range = len(boundaries) + 1, _step_ranges(calib, boundaries)
+        chosen, planes, gains, costs = {}, {}, {}, {}
+        for name, info in ctx.iter_layers("vidit-q plane split"):
+            linear = ctx.linear(name)
+            chosen[name], b = builder.choose(name, linear, config.scheme_for(name, info.in_features))
+            planes[name] = SplitPlaneLinear.from_weight(linear, b.weight, boundaries, [MP_HIGH] * ranges,
+                                                        act_bits=config.act_bits, name=name, **b.stored())
+            key = cell_key(info)
+            layer_gain = plane_gains(planes[name], linear.weight, calib.get(name, "act_absmax"), step_range, ranges)
+            gains[key] = [g + h for g, h in zip(gains.get(key, [0.0] * ranges), layer_gain)]
+            c = costs.setdefault(key, CellCost(0, 0.0, 0.0))
+            c.params += info.in_features * info.out_features
+            c.low_bytes += layer_bytes(info, False, b)
+            c.high_bytes += layer_bytes(info, True, b)
+        steps = range_step_counts(calib.timesteps, boundaries)
+        if given.get("cells"):
+            cells = given["cells"]
+        elif opts.memory_fraction is None and opts.target_bits is None:
+            cells = paper_bit_plan(ctx.layers, ranges, MP_LOW, MP_HIGH)
+        else:
+            fp16 = sum(2 * c.params for c in costs.values())
+            memory = None if opts.memory_fraction is None else opts.memory_fraction * fp16
+            cells = budget_plan(gains, costs, steps, low=MP_LOW, high=MP_HIGH, memory_bytes=memory,
+                                target_bits=opts.target_bits)
+        switched = False
+        for name, info in ctx.layers.items():
+            bits = _layer_bits(cells, info, ranges)
+            layer = _stored_form(planes.pop(name), ctx.linear(name), config, bits)
+            switched |= isinstance(layer, SplitPlaneLinear)
             ctx.replace(name, layer)
         if switched:
             track_timesteps(ctx.model)
-        ctx.method_state.update({"alpha": alphas, "seed": opts.seed, "rotation": opts.rotation,
-                                 "boundaries": boundaries, "bit_plan": plan_cells})
+        state = _state(opts, chosen, boundaries, cells)
+        state["average_bits"] = average_bits(cells, costs, steps)
+        ctx.method_state.update(state)
 
-    @staticmethod
-    def _layer_bits(cells, info: LayerInfo, ranges: int, default: int) -> list[int]:
-        if cells is None:
-            return [default] * ranges
-        key = cell_key(info)
-        if key not in cells:
-            raise ValueError(f"vidit-q: bit_plan has no entry {key!r} for layer {info.name!r}")
-        bits = [int(b) for b in cells[key]]
-        if len(bits) != ranges:
-            raise ValueError(f"vidit-q: bit_plan[{key!r}] has {len(bits)} entries for {ranges} timestep ranges")
-        return bits
+
+def _step_ranges(calib: CalibrationData, boundaries: list[float] | None) -> torch.Tensor | None:
+    if boundaries is None:
+        return None
+    return torch.tensor([range_index(float(t), boundaries) for t in calib.timesteps])
+
+
+def _state(opts: ViDiTQOptions, chosen: dict, boundaries, cells) -> dict:
+    return {"alpha": {n: a for n, (a, _) in chosen.items()}, "rotated": {n: r for n, (_, r) in chosen.items()},
+            "seed": opts.seed, "rotation": opts.rotation, "boundaries": boundaries, "bit_plan": cells}
+
+
+def _layer_bits(cells: dict, info: LayerInfo, ranges: int) -> list[int]:
+    key = cell_key(info)
+    if key not in cells:
+        raise ValueError(f"vidit-q: bit_plan has no entry {key!r} for layer {info.name!r}")
+    bits = [int(b) for b in cells[key]]
+    if len(bits) != ranges:
+        raise ValueError(f"vidit-q: bit_plan[{key!r}] has {len(bits)} entries for {ranges} timestep ranges")
+    if not set(bits) <= {MP_LOW, MP_HIGH}:
+        raise ValueError(f"vidit-q: bit_plan[{key!r}] = {bits}; mixed precision runs {MP_LOW} or {MP_HIGH} bits")
+    return bits
+
+
+def _stored_form(planes: SplitPlaneLinear, linear: nn.Linear, config: QuantConfig, bits: list[int]):
+    """The layer the plan needs, from its planes without re-rounding: the high plane as a 4-bit
+    QuantLinear (W4 throughout), ``16 * high + low`` as an 8-bit one (W8 throughout), or the planes."""
+    if len(set(bits)) > 1:
+        planes.bits = bits
+        return planes
+    high, low = planes.planes()
+    if bits[0] == MP_LOW:
+        q, scale = high, planes.view_scale
+    else:
+        q, scale = (16 * high.to(torch.int16) + low).to(torch.int8), planes.weight_scale
+    scheme = dataclasses.replace(config.scheme_for(planes.layer_name, planes.in_features), weight_bits=bits[0],
+                                 weight_symmetric=True)
+    return QuantLinear.from_quantized(linear, scheme, q, scale, None, name=planes.layer_name,
+                                      smooth_scale=planes.smooth_scale, rotation_signs=planes.rotation_signs,
+                                      rotation_block=planes.rotation_block)
 
 
 # -- ViDiT-Q-MP sensitivity analysis -------------------------------------------------------------
 class _Probe(nn.Module):
-    """Analysis-only wrapper: the FP Linear, plus its balanced quantized twin that runs only in the
+    """Analysis-only wrapper: the FP Linear, plus its balanced plane-split twin that runs only in the
     timestep ranges listed in ``active`` ({range: weight bits})."""
 
     tracks_timestep = True
 
-    def __init__(self, fp: nn.Linear, quant: QuantLinear, boundaries: list[float]):
+    def __init__(self, fp: nn.Linear, quant: SplitPlaneLinear, boundaries: list[float]):
         super().__init__()
         self.fp, self.quant, self.boundaries = fp, quant, boundaries
         self.active: dict[int, int] = {}
@@ -212,7 +371,7 @@ class _Probe(nn.Module):
     def forward(self, x):
         r = None if self.timestep is None else range_index(self.timestep, self.boundaries)
         if r in self.active:
-            return self.quant(x, weight_bits=self.active[r])
+            return self.quant(x, bits=self.active[r])
         return self.fp(x)
 
 
@@ -234,18 +393,18 @@ def analyze_sensitivity(pipe, calibration: CalibrationData, prompts: Sequence, c
 
     config = copy.deepcopy(config or QuantConfig.preset("vidit-q-w4a8-mp"))
     opts = ViDiTQOptions.from_config(config)
-    ranges = ranges or opts.mp_ranges
-    boundaries = timestep_boundaries(calibration.timesteps, ranges)
+    boundaries = timestep_boundaries(calibration.timesteps, ranges or opts.mp_ranges)
+    ranges = len(boundaries) + 1
     model = pipe.transformer
     layers = select_layers(model, config)
     builder = _Builder(config, opts, calibration)
     probes: dict[str, _Probe] = {}
-    for name, info in layers.items():
+    for name in layers:
         linear = model.get_submodule(name)
-        high = dataclasses.replace(config.scheme_for(name, info.in_features), weight_bits=opts.mp_high_bits,
-                                   weight_symmetric=True)
-        with torch.no_grad():
-            quant = builder.balanced(name, linear, high, builder.opts.alpha_for(name))
+        with torch.no_grad():  # the configured balancing (no choice: the analysis needs only act_absmax)
+            b = builder.balance(name, linear, opts.alpha_for(name) if opts.smooth else None, opts.rotation != "none")
+            quant = SplitPlaneLinear.from_weight(linear, b.weight, boundaries, [MP_HIGH] * (len(boundaries) + 1),
+                                                 act_bits=config.act_bits, name=name, **b.stored())
         probes[name] = _Probe(linear, quant, boundaries)
     cells: dict[str, list[str]] = {}
     for name, info in layers.items():
@@ -258,8 +417,10 @@ def analyze_sensitivity(pipe, calibration: CalibrationData, prompts: Sequence, c
             images = pipe(list(prompts), generator=gen, output_type="pt", **call_kwargs).images
         return RunOutputs(images.float().cpu(), torch.stack(outs), list(prompts))
 
+    if not set(bits) <= {MP_LOW}:
+        raise ValueError(f"analyze_sensitivity: the plane format measures W{MP_LOW} ranges; got bits={list(bits)}")
     report = SensitivityReport(boundaries=boundaries, range_steps=range_step_counts(calibration.timesteps, boundaries),
-                               bits=list(bits), high_bits=opts.mp_high_bits,
+                               bits=list(bits), high_bits=MP_HIGH,
                                params={k: sum(layers[n].in_features * layers[n].out_features for n in v)
                                        for k, v in cells.items()},
                                metrics={})
@@ -289,4 +450,4 @@ def analyze_sensitivity(pipe, calibration: CalibrationData, prompts: Sequence, c
 register_preset("vidit-q-w8a8", lambda: QuantConfig(method="vidit-q", weight_bits=8, act_bits=8))
 register_preset("vidit-q-w6a6", lambda: QuantConfig(method="vidit-q", weight_bits=6, act_bits=6))
 register_preset("vidit-q-w4a8-mp", lambda: QuantConfig(method="vidit-q", weight_bits=4, act_bits=8,
-                                                       options={"mixed_precision": True}))
+                                                       options={"mixed_precision": True, "memory_fraction": 0.32}))

@@ -1,6 +1,7 @@
 """Metric-decoupled sensitivity (ViDiT-Q-MP §4.3): score how much quantizing one layer group in
 one timestep range hurts the samples, each group with the metric of the visual aspect it mainly
-drives, then allocate weight bits under an average-bit budget.
+drives, then allocate weight bits under an average-bit budget and a memory budget
+(:func:`budget_plan`, shared with the quick calibration-data allocation in methods/vidit_q.py).
 
 Metrics are pluggable: ``register_metric(name, fn)`` with ``fn(reference: RunOutputs, run: RunOutputs)
 -> float`` (larger = more damage). Offline defaults, measured against the full-precision samples:
@@ -192,20 +193,22 @@ class SensitivityReport:
         atomic_write_bytes(png, path)
 
     # -- bit allocation ------------------------------------------------------------------------
-    def allocate(self, target_bits: float, low: int | None = None) -> dict:
+    def allocate(self, target_bits: float | None, low: int | None = None, *,
+                 memory_fraction: float | None = None) -> dict:
         """Weight bits per cell and timestep range with a parameter- and step-weighted average of at
-        most ``target_bits``. Start every cell at ``low`` bits; each group gets a share of the budget
-        in proportion to the image MSE its quantization causes (summed over its cells), which scales
-        the group's own metric (normalised by the group's mean) into one priority; cells are promoted
-        to ``high_bits`` in order of priority while the budget allows (§4.3: groups split the budget
-        by MSE, layers inside a group ranked by the group's metric)."""
+        most ``target_bits`` and weight bytes of at most ``memory_fraction`` x fp16 (parameters
+        only: scales are not counted here; quantize() counts them when it allocates). Start every
+        cell at ``low`` bits; each group gets a share of the budget in proportion to the image MSE
+        its quantization causes (summed over its cells), which scales the group's own metric
+        (normalised by the group's mean) into one priority; cells are promoted to ``high_bits`` in
+        order of priority while the budgets allow (§4.3: groups split the budget by MSE, layers
+        inside a group ranked by the group's metric)."""
         low = low or min(self.bits)
-        if not low <= target_bits <= self.high_bits:
+        if target_bits is not None and not low <= target_bits <= self.high_bits:
             raise ValueError(f"target_bits {target_bits} outside [{low}, {self.high_bits}]")
         entries = [e for e in self.entries if e["bits"] == low]
         if not entries:
             raise ValueError(f"no sensitivity measured at {low} bits (measured: {self.bits})")
-        steps = sum(self.range_steps)
         mse_by_role: dict[str, float] = {}
         metric_by_role: dict[str, list[float]] = {}
         for e in entries:
@@ -217,19 +220,18 @@ class SensitivityReport:
             mean = sum(metric_by_role[e["role"]]) / len(metric_by_role[e["role"]]) or 1.0
             return e["metric"] / mean * mse_by_role[e["role"]] / total_mse
 
-        cells = {k: [low] * len(self.range_steps) for k in self.cells()}
-        total_weight = sum(self.params[k] for k in cells) * steps
-        budget = (target_bits - low) * total_weight
-        for e in sorted(entries, key=priority, reverse=True):
+        costs = {k: CellCost(self.params[k], self.params[k] * low / 8, self.params[k] * self.high_bits / 8)
+                 for k in self.cells()}
+        gains = {k: [0.0] * len(self.range_steps) for k in costs}
+        for e in entries:  # priority per bit-step: the report ranks cells by priority alone
             key = f"{e['role']}:{e['block']}"
-            cost = (self.high_bits - low) * self.params[key] * self.range_steps[e["range"]]
-            if cost <= budget:
-                budget -= cost
-                cells[key][e["range"]] = self.high_bits
-        average = sum(self.params[k] * self.range_steps[r] * b
-                      for k, row in cells.items() for r, b in enumerate(row)) / total_weight
+            gains[key][e["range"]] = priority(e) * self.params[key] * self.range_steps[e["range"]]
+        memory = None if memory_fraction is None else memory_fraction * 2 * sum(self.params.values())
+        cells = budget_plan(gains, costs, self.range_steps, low=low, high=self.high_bits,
+                            memory_bytes=memory, target_bits=target_bits)
         return {"boundaries": list(self.boundaries), "cells": cells, "target_bits": target_bits,
-                "average_bits": average}
+                "memory_fraction": memory_fraction,
+                "average_bits": average_bits(cells, costs, self.range_steps)}
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path) -> None:
@@ -241,3 +243,62 @@ class SensitivityReport:
     def load(cls, path) -> "SensitivityReport":
         with io.open(path) as f:
             return cls(**json.load(f))
+
+
+@dataclass
+class CellCost:
+    """One mixed-precision cell (layer group x block): its weights, and its stored bytes at the low
+    width throughout vs. stored so that any range can run the high width."""
+
+    params: int
+    low_bytes: float
+    high_bytes: float
+
+
+def budget_plan(gains: dict[str, list[float]], costs: dict[str, CellCost], range_steps: list[int], *,
+                low: int, high: int, memory_bytes: float | None, target_bits: float | None) -> dict[str, list[int]]:
+    """Weight bits per cell and timestep range, greedy under two budgets.
+
+    ``gains[cell][r]`` is what running the cell at ``high`` instead of ``low`` bits in range ``r``
+    is worth (any additive unit). Memory first: cells are made high-capable in order of total gain
+    per extra byte while the stored bytes stay within ``memory_bytes`` (None: no limit). Then time:
+    with ``target_bits`` (the parameter- and step-weighted average weight width), the (cell, range)
+    pairs of high-capable cells are promoted in order of gain per bit-step while the average stays
+    within it; without it, high-capable cells run ``high`` in every range.
+    """
+    capable = [k for k in gains if sum(gains[k]) > 0]
+    if memory_bytes is not None:
+        spare = memory_bytes - sum(c.low_bytes for c in costs.values())
+        if spare < 0:
+            raise ValueError(f"memory budget {memory_bytes:.0f} B is below the all-W{low} size "
+                             f"{memory_bytes - spare:.0f} B")
+        chosen = []
+        for key in sorted(capable, key=lambda k: sum(gains[k]) / (costs[k].high_bytes - costs[k].low_bytes),
+                          reverse=True):
+            extra = costs[key].high_bytes - costs[key].low_bytes
+            if extra <= spare:
+                spare -= extra
+                chosen.append(key)
+        capable = chosen
+    cells = {k: [low] * len(range_steps) for k in gains}
+    if target_bits is None:
+        for key in capable:
+            cells[key] = [high] * len(range_steps)
+        return cells
+    budget = (target_bits - low) * sum(costs[k].params for k in gains) * sum(range_steps)
+
+    def bit_steps(key, r):
+        return (high - low) * costs[key].params * range_steps[r]
+
+    pairs = [(k, r) for k in capable for r in range(len(range_steps)) if range_steps[r] and gains[k][r] > 0]
+    for key, r in sorted(pairs, key=lambda p: gains[p[0]][p[1]] / bit_steps(*p), reverse=True):
+        if bit_steps(key, r) <= budget:
+            budget -= bit_steps(key, r)
+            cells[key][r] = high
+    return cells
+
+
+def average_bits(cells: dict[str, list[int]], costs: dict[str, CellCost], range_steps: list[int]) -> float:
+    """Parameter- and step-weighted average weight width of a plan."""
+    total = sum(costs[k].params for k in cells) * sum(range_steps)
+    return sum(costs[k].params * range_steps[r] * b for k, row in cells.items() for r, b in enumerate(row)) / total
