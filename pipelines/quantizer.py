@@ -192,6 +192,9 @@ class DitqQuantizer(DiffusersQuantizer):
     def _check_hashes(self) -> None:
         """The content hash ditq's own saves put in the header, and config.json's record of it, when
         the checkpoint is one file (diffusers hands us its tensors as stored)."""
+        pickled = [f for f in self._files if not f.endswith(".safetensors")]
+        if pickled:
+            raise CheckpointError(f"{pickled[0]}: ditq checkpoints are safetensors only; this is a pickle file")
         if len(self._files) != 1:
             return
         _, meta = read_header(self._files[0])
@@ -217,6 +220,9 @@ class DitqQuantizer(DiffusersQuantizer):
 
     # -- saving --------------------------------------------------------------------------------
     def get_state_dict_and_metadata(self, state_dict, safe_serialization=False):
+        if not safe_serialization:
+            raise ValueError("ditq writes quantized models as safetensors only (a pickle file could run code "
+                             "when loaded): save with safe_serialization=True, the default")
         self._check_layers(state_dict)
         return state_dict, {"ditq_format_version": str(FORMAT_VERSION)}
 

@@ -128,6 +128,16 @@ def test_save_refused_when_layers_changed_after_quantizing(tiny_pipe, fresh, tmp
         model.save_pretrained(tmp_path)
 
 
+def test_pickle_save_is_refused(tiny_pipe, fresh, tmp_path):
+    from ditq import QuantConfig, quantize
+
+    model = fresh(tiny_pipe.transformer)
+    quantize(model, QuantConfig.preset("rtn-w8a8-dynamic"), progress=False)
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path, safe_serialization=False)
+    assert not list(tmp_path.glob("*.bin"))
+
+
 def test_quantize_on_load_equals_bare_quantize(fp_dir, tiny_pipe, fresh, tmp_path):
     from ditq import QuantConfig, quantize
     from ditq.pipelines.quantizer import DitqConfig

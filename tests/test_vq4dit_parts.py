@@ -224,5 +224,5 @@ def test_model_inputs_record_dedupe_and_round_trip(tiny_pipe, calib_kwargs, tmp_
     with torch.no_grad():
         out = tiny_pipe.transformer(**first)[0]
     assert out.shape[0] == first["hidden_states"].shape[0] and torch.isfinite(out).all()
-    with pytest.raises(KeyError, match="model_inputs"):
+    with pytest.raises(KeyError, match="recorded model inputs"):
         next(CalibrationData({}, torch.zeros(1), {}).model_calls())

@@ -18,6 +18,7 @@ adapter.use_offline_hub_files(sigma)
 FULL = os.environ.get("DITQ_UPSTREAM_FULL") == "1"
 HUB_SLICES = "compares to an image slice recorded with the Hub's tiny-random-t5 tokenizer, replaced offline"
 FORBIDDEN = "diffusers refuses to cast any quantized model to another dtype (ModelMixin.to raises)"
+PICKLE = "saves with safe_serialization=False; ditq writes quantized models as safetensors only (refusal tested in tests/)"
 NO_FUSE = "ditq refuses to fuse quantized to_q/to_k/to_v (separate scales); the refusal is tested in tests/"
 
 
@@ -40,7 +41,9 @@ def _ditq(cls, preset: str, run: bool = True):
         return components
 
     skips = {"test_to_dtype": FORBIDDEN, "test_layerwise_casting_inference": FORBIDDEN,
-             "test_fused_qkv_projections": NO_FUSE}
+             "test_fused_qkv_projections": NO_FUSE,
+             **dict.fromkeys(("test_save_load_local", "test_loading_with_variants", "test_dtype_dict",
+                              "test_dtype_alias"), PICKLE)}
     attrs = {"__test__": run, "get_dummy_components": get_dummy_components,
              **{name: unittest.skip(why)(lambda self: None) for name, why in skips.items()}}
     return type(f"{cls.__name__}Ditq_{preset.replace('-', '_')}", (cls,), attrs)
