@@ -43,7 +43,8 @@ def _ditq(cls, preset: str, run: bool = True):
     skips = {"test_to_dtype": FORBIDDEN, "test_layerwise_casting_inference": FORBIDDEN,
              "test_fused_qkv_projections": NO_FUSE,
              **dict.fromkeys(("test_save_load_local", "test_loading_with_variants", "test_dtype_dict",
-                              "test_dtype_alias"), PICKLE)}
+                              "test_dtype_alias", "test_serialization_with_variants",
+                              "test_loading_with_incorrect_variants_raises_error"), PICKLE)}
     attrs = {"__test__": run, "get_dummy_components": get_dummy_components,
              **{name: unittest.skip(why)(lambda self: None) for name, why in skips.items()}}
     return type(f"{cls.__name__}Ditq_{preset.replace('-', '_')}", (cls,), attrs)
