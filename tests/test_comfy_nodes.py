@@ -487,7 +487,7 @@ def test_nodes_offer_every_preset_but_the_searched(comfy):
 # Fidelity floors of the sampled output (SQNR dB against FP, 2 calibration steps on the stand-in DiT of
 # width 128; slow presets at their documented small settings), a few dB under what was measured.
 NODE_FLOORS = {"rtn-w8a8": 33, "rtn-w8a8-dynamic": 37, "rtn-w4a8": 15, "rtn-w4a16": 15, "rtn-fp8": 27,
-               "rtn-w3a16": 4, "rtn-w2a16": 0, "vidit-q-w8a8": 37, "vidit-q-w6a6": 24, "vidit-q-w4a8-mp": 20,
+               "rtn-w3a16": 4, "rtn-w2a16": 0, "vidit-q-w8a8": 37, "vidit-q-w6a6": 24, "vidit-q-w4a8-mp": 16,
                "q-dit-w4a8": 27, "q-dit-w6a8": 37, "vq4dit-w2": 0, "vq4dit-w3": 1}
 
 
