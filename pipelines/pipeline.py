@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from diffusers import DiffusionPipeline, DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline

@@ -1,7 +1,6 @@
 """The RTN baseline end to end on the built-in PixArt: runs, sizes as the bits promise, and the
 naive static W8A8 failing on the planted-outlier stress model where dynamic per-token holds up."""
 import pytest
-import torch
 
 from ditq import QuantConfig, calibrate, quantize, save_quantized
 from ditq.quant_core.metrics import psnr, rel_l2

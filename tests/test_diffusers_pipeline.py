@@ -4,7 +4,6 @@ Hub-protocol tests are in test_diffusers_hub.py."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest

@@ -83,7 +83,6 @@ def _longest_path(adj: torch.Tensor) -> int:
 
 def build_graph(layers: dict[str, LayerInfo]) -> LayerGraph:
     names = list(layers)
-    idx = {n: i for i, n in enumerate(names)}
     types = [op_type(layers[n]) for n in names]
     blocks = [layers[n].block for n in names]
     num_blocks = max(blocks) + 1 if max(blocks) >= 0 else 0
