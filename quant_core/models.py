@@ -117,6 +117,45 @@ POLICIES: dict[str, LayerPolicy] = {
 }
 POLICIES["PixArt"] = POLICIES["PixArtMS"]
 
+# ComfyUI's own classes for the same families (original checkpoint key names), so Quantize DiT
+# works on a MODEL from the stock loaders. Subclasses (VaceWanModel, CameraWanModel, ...) find their
+# base's table through the class hierarchy; the Linears they add inside blocks then fail loudly.
+POLICIES.update({
+    # comfy.ldm.wan.model.WanModel (Wan 2.1 / 2.2, T2V, I2V with k_img/v_img for the CLIP tokens).
+    "WanModel": LayerPolicy("comfy-wan", (
+        (r"blocks\.\d+\.self_attn\.(q|k|v|o)", "self_attn"),
+        (r"blocks\.\d+\.cross_attn\.(q|k|v|o|k_img|v_img)", "cross_attn"),
+        (r"blocks\.\d+\.ffn\.(0|2)", "ffn"),
+    )),
+    # comfy.ldm.flux.model.Flux: double-stream blocks (image and text halves), then single-stream
+    # blocks where linear1 fuses q, k, v and the MLP up-projection and linear2 fuses the attention
+    # output with the MLP down-projection.
+    "Flux": LayerPolicy("comfy-flux", (
+        (r"double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)", "joint_attn"),
+        (r"double_blocks\.\d+\.(img|txt)_mlp\.(0|2)", "ffn"),
+        (r"double_blocks\.\d+\.(img|txt)_mod\.lin", FP),
+        (r"single_blocks\.\d+\.linear1", "joint_attn"),
+        (r"single_blocks\.\d+\.linear2", "ffn"),
+        (r"single_blocks\.\d+\.modulation\.lin", FP),
+    )),
+    # comfy.ldm.modules.diffusionmodules.mmdit.MMDiT (SD3 / SD3.5; attn2 is SD3.5's image-only
+    # attention in its dual-attention blocks).
+    "MMDiT": LayerPolicy("comfy-mmdit", (
+        (r"joint_blocks\.\d+\.(context|x)_block\.attn\.(qkv|proj)", "joint_attn"),
+        (r"joint_blocks\.\d+\.x_block\.attn2\.(qkv|proj)", "self_attn"),
+        (r"joint_blocks\.\d+\.(context|x)_block\.mlp\.(fc1|fc2)", "ffn"),
+        (r"joint_blocks\.\d+\.(context|x)_block\.adaLN_modulation\.1", FP),
+    )),
+    # comfy.ldm.hydit.models.HunYuanDiT.
+    "HunYuanDiT": LayerPolicy("comfy-hunyuandit", (
+        (r"blocks\.\d+\.attn1\.(Wqkv|out_proj)", "self_attn"),
+        (r"blocks\.\d+\.attn2\.(q_proj|kv_proj|out_proj)", "cross_attn"),
+        (r"blocks\.\d+\.mlp\.(fc1|fc2)", "ffn"),
+        (r"blocks\.\d+\.skip_linear", "skip"),
+        (r"blocks\.\d+\.default_modulation\.1", FP),
+    )),
+})
+
 # Numbered block stacks (diffusers and ComfyUI names). Inside a block, the generic rule quantizes
 # every Linear except modulation / embedding / norm ones; outside the blocks nothing.
 _BLOCK = re.compile(r"(?:^|\.)(?:transformer_blocks|single_transformer_blocks|temporal_transformer_blocks|"
@@ -127,8 +166,9 @@ _GENERIC_ROLES = ((r"(cross|attn2)", "cross_attn"), (r"(attn|qkv|to_q|to_k|to_v|
 
 
 def policy_for(model: nn.Module) -> LayerPolicy | None:
-    """The known policy for ``model``'s class (None: use the generic rule)."""
-    return POLICIES.get(type(model).__name__)
+    """The known policy for ``model``'s class or its nearest known base class (None: use the
+    generic rule)."""
+    return next((POLICIES[c.__name__] for c in type(model).__mro__ if c.__name__ in POLICIES), None)
 
 
 def _generic_role(name: str) -> str | None:
