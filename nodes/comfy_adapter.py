@@ -154,8 +154,9 @@ def model_description(patcher) -> dict[str, Any]:
     """What a ditq file stores so the ComfyUI model can be rebuilt without the FP checkpoint:
     ComfyUI's unet_config (JSON-able entries) and the compute dtype."""
     base = patcher.model
-    unet = {k: v for k, v in base.model_config.unet_config.items()
-            if isinstance(v, (bool, int, float, str, list, type(None)))}
+    # tuples (Wan's patch_size, window_size) travel as JSON lists, which the model classes accept
+    unet = {k: list(v) if isinstance(v, tuple) else v for k, v in base.model_config.unet_config.items()
+            if isinstance(v, (bool, int, float, str, list, tuple, type(None)))}
     dm = base.diffusion_model
     dtype = next((p.dtype for p in dm.parameters() if p.is_floating_point()), torch.float32)
     return {"_class_name": type(dm).__name__,

@@ -1,6 +1,7 @@
 """Dump the Linear module names of ComfyUI's own DiT classes (tiny configs, meta device) as JSON.
 
-Run with ComfyUI's python from its checkout: ``cd $COMFYUI_DIR && python <this> > out.json``.
+Run with ComfyUI's python from its checkout: ``cd $COMFYUI_DIR && python <this> > out.json``
+(``python <this> --shapes wan-t2v``: that model's state-dict shapes instead).
 tests/fixtures/comfy_modules.json is this script's output; test_comfy_architectures.py checks the
 layer-policy tables against it in CI, and test_comfyui_real.py checks it is still what the ComfyUI
 checkout builds.
@@ -8,7 +9,7 @@ checkout builds.
 import json
 import sys
 
-sys.argv = sys.argv[:1] + ["--cpu"]
+ARGS, sys.argv = sys.argv[1:], sys.argv[:1] + ["--cpu"]  # ComfyUI parses sys.argv on import
 sys.path.insert(0, ".")
 import comfy.options  # noqa: E402
 
@@ -50,6 +51,11 @@ BUILDERS = {"wan-t2v": lambda: _wan("t2v", 16), "wan-i2v": lambda: _wan("i2v", 3
             "sd3.5-mmdit": _mmdit, "hunyuandit": _hydit}
 
 if __name__ == "__main__":
+    if ARGS[:1] == ["--shapes"]:  # one family's state-dict shapes, to build a random tiny checkpoint
+        with torch.device("meta"):
+            model = BUILDERS[ARGS[1]]()
+        json.dump({k: list(v.shape) for k, v in model.state_dict().items()}, sys.stdout)
+        sys.exit(0)
     out = {}
     with torch.device("meta"):
         for family, build in BUILDERS.items():

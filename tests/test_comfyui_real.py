@@ -279,3 +279,341 @@ def test_chain_calibrate_quantize_save_load_and_native(server):
     assert torch.equal(loaded_dyn, dynamic), "a saved and reloaded model must sample identically"
     assert torch.equal(loaded_static, static)
     assert not torch.equal(dynamic, fp)
+
+
+# -- every preset the nodes offer, progress / interrupt, LoRA, Wan ------------------------------------
+STEPS = 4
+COMMON = {
+    "2": {"class_type": "DitqTestConditioning", "inputs": {"seed": 1, "tokens": 8}},
+    "3": {"class_type": "DitqTestConditioning", "inputs": {"seed": 2, "tokens": 8}},
+    "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 320, "height": 320, "batch_size": 1}},
+}
+RESULTS: dict[str, dict] = {}  # per preset: fidelity and time, shared with the LoRA and interrupt tests
+
+
+def _unet(name):
+    return {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
+
+
+def _ksampler(model_ref, prefix, steps=STEPS):
+    graph = _sampler(model_ref, prefix)
+    graph[f"k_{prefix}"]["inputs"]["steps"] = steps
+    return graph
+
+
+def sqnr_db(x, ref) -> float:
+    return float(10 * torch.log10(ref.pow(2).sum() / (x - ref).pow(2).sum().clamp_min(1e-30)))
+
+
+def offered_presets(server) -> list[str]:
+    spec = _get(f"{server.url}/object_info/DitqQuantizeDiT")["DitqQuantizeDiT"]["input"]["required"]["preset"]
+    return spec[1]["options"] if isinstance(spec[0], str) else spec[0]
+
+
+def test_module_list_fixture_is_what_this_comfyui_builds():
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    out = subprocess.run([python, str(PACK_ROOT / "tests" / "comfy_module_lists.py")], cwd=COMFYUI_DIR,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fixture = json.loads((PACK_ROOT / "tests" / "fixtures" / "comfy_modules.json").read_text())
+    assert json.loads(out.stdout) == fixture, "ComfyUI's classes changed: regenerate the fixture and check the tables"
+
+
+def test_every_offered_preset_calibrate_quantize_sample_save_load(server):
+    """Each preset of the Quantize node: Calibrate -> Quantize -> KSampler -> Save, then Load
+    Quantized DiT -> KSampler in a second prompt reproduces the sample exactly."""
+    presets = offered_presets(server)
+    assert "qua2sedimo-w3.5" not in presets and "rtn-w8a8" in presets and "vq4dit-w2" in presets
+    graph = {"1": _unet("tiny_pixart.safetensors"), **COMMON, **_ksampler(["1", 0], "fp4")}
+    server.run(graph)
+    fp = latent(server, "fp4")
+    for preset in presets:
+        tag = preset.replace(".", "_")
+        graph = {"1": _unet("tiny_pixart.safetensors"), **COMMON,
+                 "c": {"class_type": "DitqCalibrateDiT", "inputs": {
+                     "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+                     "seed": 7, "steps": STEPS, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
+                     "preset": preset, "load_calibration": "(run calibration)", "save_as": ""}},
+                 "q": {"class_type": "DitqQuantizeDiT", "inputs": {"model": ["1", 0], "preset": preset,
+                                                                   "weight_bits": "preset", "calibration": ["c", 0]}},
+                 "s": {"class_type": "DitqSaveQuantizedDiT", "inputs": {"model": ["q", 0], "filename": f"p_{tag}",
+                                                                        "format": "ditq", "overwrite": True}},
+                 **_ksampler(["q", 0], f"q_{tag}")}
+        t0 = time.time()
+        server.run(graph, timeout=1200)
+        seconds = time.time() - t0
+        server.run({"l": {"class_type": "DitqLoadQuantizedDiT", "inputs": {"model_name": f"p_{tag}.safetensors"}},
+                    **COMMON, **_ksampler(["l", 0], f"r_{tag}")})
+        q, r = latent(server, f"q_{tag}"), latent(server, f"r_{tag}")
+        assert torch.equal(q, r), f"{preset}: the reloaded model samples differently"
+        size = (server.base / "models" / "ditq" / f"p_{tag}.safetensors").stat().st_size
+        RESULTS[preset] = {"sqnr": sqnr_db(q, fp), "seconds": seconds, "bytes": size}
+        print(f"\n{preset:22s} SQNR vs FP {RESULTS[preset]['sqnr']:6.2f} dB  file {size / 2**20:6.2f} MiB  "
+              f"calibrate+quantize+sample+save {seconds:6.1f} s")
+    floors = {"rtn-w8a8-dynamic": 25, "vidit-q-w8a8": 25, "rtn-fp8": 20, "q-dit-w6a8": 20, "rtn-w4a16": 10}
+    for preset, floor in floors.items():
+        if preset in RESULTS:
+            assert RESULTS[preset]["sqnr"] >= floor, (preset, RESULTS[preset])
+    assert all(v["sqnr"] > 0 for v in RESULTS.values()), RESULTS
+
+
+class Events:
+    """ComfyUI's websocket messages for one client, time-stamped."""
+
+    def __init__(self, server):
+        import websocket  # websocket-client, a test extra
+
+        self.client_id = str(uuid.uuid4())
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}",
+                                              timeout=0.2)
+        self.server = server
+
+    def queue(self, prompt: dict) -> str:
+        body = json.dumps({"prompt": prompt, "client_id": self.client_id}).encode()
+        req = urllib.request.Request(f"{self.server.url}/prompt", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())["prompt_id"]
+
+    def next(self):
+        import websocket
+
+        try:
+            raw = self.ws.recv()
+        except websocket.WebSocketTimeoutException:
+            return None
+        return json.loads(raw) if isinstance(raw, str) else None
+
+    def close(self):
+        self.ws.close()
+
+
+def _interrupt_after(server, prompt, node, wait_s):
+    """Queue ``prompt``; once ``node`` has run ``wait_s`` seconds, POST /interrupt. Returns the first
+    progress delay, the largest gap between progress messages of ``node`` and the interrupt latency."""
+    events = Events(server)
+    try:
+        events.queue(prompt)
+        started = interrupted = None
+        progress: list[float] = []
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            msg = events.next()
+            now = time.time()
+            if msg is None:
+                if started and interrupted is None and now - started >= wait_s:
+                    urllib.request.urlopen(urllib.request.Request(f"{server.url}/interrupt", data=b"{}",
+                                                                  method="POST"), timeout=10).read()
+                    interrupted = now
+                continue
+            kind, data = msg.get("type"), msg.get("data", {})
+            if kind == "executing" and data.get("node") == node:
+                started = now
+            elif kind == "progress" and data.get("node") == node:
+                progress.append(now)
+            elif kind == "execution_interrupted":
+                assert started and interrupted, f"interrupted before {node} ran: {msg}"
+                stops = [started, *progress, interrupted]
+                return progress[0] - started, max(b - a for a, b in zip(stops, stops[1:])), now - interrupted
+            elif kind in ("execution_error", "execution_success"):
+                raise AssertionError(f"{node} was not interrupted: {json.dumps(msg)[:2000]}")
+        raise AssertionError("no interrupt within 900 s")
+    finally:
+        events.close()
+
+
+@pytest.mark.parametrize("preset", ["q-dit-w4a8", "vq4dit-w2", "(calibration)"])
+def test_progress_and_interrupt_within_2s(server, preset):
+    """The slow steps (GPTQ, k-means and vq4dit's optimisation, calibration sampling) report progress
+    within 2 s of starting and every 2 s after, and stop within 2 s of Cancel."""
+    from safetensors.torch import save_file
+
+    name = f"tiny_pixart_{preset.strip('()')}.safetensors"  # a model of its own: nothing cached
+    save_file(tiny_pixart_state_dict(seed=3), str(server.base / "models" / "diffusion_models" / name))
+    calib_preset = "q-dit-w4a8" if preset.startswith("(") else preset
+    graph = {"1": _unet(name), **COMMON,
+             "c": {"class_type": "DitqCalibrateDiT", "inputs": {
+                 "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+                 "seed": 7, "steps": 200 if preset.startswith("(") else 2, "cfg": 4.0, "sampler_name": "euler",
+                 "scheduler": "normal", "preset": calib_preset, "load_calibration": "(run calibration)",
+                 "save_as": ""}},
+             "q": {"class_type": "DitqQuantizeDiT", "inputs": {"model": ["1", 0], "preset": calib_preset,
+                                                               "weight_bits": "preset", "calibration": ["c", 0]}},
+             "s": {"class_type": "DitqSaveQuantizedDiT", "inputs": {"model": ["q", 0], "filename": f"int_{name}",
+                                                                    "format": "ditq", "overwrite": True}}}
+    node = "c" if preset.startswith("(") else "q"
+    first, gap, latency = _interrupt_after(server, graph, node, wait_s=6)
+    RESULTS.setdefault("interrupt", {})[preset] = (first, gap, latency)
+    print(f"\n{preset}: first progress after {first:.2f} s, largest gap {gap:.2f} s, interrupt latency {latency:.2f} s")
+    assert first <= 2 and gap <= 2 and latency <= 2, (first, gap, latency)
+    assert not (server.base / "models" / "ditq" / f"int_{name}").exists()
+
+
+def kohya_lora(seed, rank=4, size=0.05, hidden=1152) -> dict:
+    """A rank-``rank`` LoRA on every block Linear of the tiny PixArt, in kohya key names
+    (``lora_unet_<module path with _>``), as the stock LoraLoader reads them."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"attn_qkv": (3 * hidden, hidden), "attn_proj": (hidden, hidden),
+              "cross_attn_q_linear": (hidden, hidden), "cross_attn_kv_linear": (2 * hidden, hidden),
+              "cross_attn_proj": (hidden, hidden), "mlp_fc1": (4 * hidden, hidden), "mlp_fc2": (hidden, 4 * hidden)}
+    sd = {}
+    for lin, (out_f, in_f) in shapes.items():
+        key = f"lora_unet_blocks_0_{lin}"
+        sd[f"{key}.lora_up.weight"] = (torch.randn(out_f, rank, generator=g) * size).half()
+        sd[f"{key}.lora_down.weight"] = (torch.randn(rank, in_f, generator=g) * in_f ** -0.5).half()
+        sd[f"{key}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def test_lora_after_fp_prompt_leaves_no_trace_in_quantize(server):
+    """FP + LoRA sampled first, then Quantize DiT on the plain model: the saved weights equal a clean
+    quantization's (ComfyUI leaves the LoRA patched into the shared model after the prompt)."""
+    from safetensors.torch import load_file, save_file
+
+    (server.base / "models" / "loras").mkdir(parents=True, exist_ok=True)
+    save_file(kohya_lora(10, size=0.3), str(server.base / "models" / "loras" / "big_lora.safetensors"))
+    save_file(tiny_pixart_state_dict(seed=4), str(server.base / "models" / "diffusion_models" / "trace.safetensors"))
+
+    def quantize_and_save(bits, filename):
+        return {"1": _unet("trace.safetensors"),
+                "q": {"class_type": "DitqQuantizeDiT", "inputs": {"model": ["1", 0], "preset": "rtn-w8a8-dynamic",
+                                                                  "weight_bits": bits}},
+                "s": {"class_type": "DitqSaveQuantizedDiT", "inputs": {"model": ["q", 0], "filename": filename,
+                                                                       "format": "ditq", "overwrite": True}}}
+
+    server.run(quantize_and_save("preset", "trace_clean"))
+    lora = {"1": _unet("trace.safetensors"), **COMMON,
+            "L": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "big_lora.safetensors",
+                                                                 "strength_model": 1.0}},
+            **_ksampler(["L", 0], "trace_fp_lora"), **_ksampler(["1", 0], "trace_fp")}
+    server.run(lora)
+    assert rel(latent(server, "trace_fp_lora"), latent(server, "trace_fp")) > 0.05  # the LoRA did act
+    server.run(quantize_and_save("8", "trace_after"))  # weight_bits 8 = the preset's: same config, not cached
+    clean = load_file(str(server.base / "models" / "ditq" / "trace_clean.safetensors"))
+    after = load_file(str(server.base / "models" / "ditq" / "trace_after.safetensors"))
+    assert clean.keys() == after.keys()
+    differ = [k for k in clean if not torch.equal(clean[k], after[k])]
+    assert not differ, f"{len(differ)} tensors differ from a clean quantization, e.g. {differ[:3]}"
+
+
+LAYER_TYPES = {"int8": "rtn-w8a8-dynamic", "W4A8": "rtn-w4a8", "fp8": "rtn-fp8", "codebook": "vq4dit-w3",
+               "timestep switch (MP)": "vidit-q-w4a8-mp"}
+
+
+def test_stock_lora_loader_on_quantized_models(server):
+    """LoraLoaderModelOnly on Load Quantized DiT: the LoRA's effect and the error against FP + LoRA
+    per layer type and strength, two stacked LoRAs, and the model restored exactly without them."""
+    from safetensors.torch import save_file
+
+    missing = [p for p in LAYER_TYPES.values() if f"p_{p}.safetensors" not in
+               [f.name for f in (server.base / "models" / "ditq").glob("*.safetensors")]]
+    if missing:
+        pytest.skip(f"runs after test_every_offered_preset_... (files for {missing} missing)")
+    loras = server.base / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    save_file(kohya_lora(20), str(loras / "lora_a.safetensors"))
+    save_file(kohya_lora(21), str(loras / "lora_b.safetensors"))
+
+    def with_loras(model_ref, prefix, *chain):
+        graph, ref = {}, model_ref
+        for i, (name, strength) in enumerate(chain):
+            graph[f"{prefix}_L{i}"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+                "model": ref, "lora_name": name, "strength_model": strength}}
+            ref = [f"{prefix}_L{i}", 0]
+        return {**graph, **_ksampler(ref, prefix)}
+
+    cases = {"s0.1": [("lora_a.safetensors", 0.1)], "s1.0": [("lora_a.safetensors", 1.0)],
+             "stack": [("lora_a.safetensors", 1.0), ("lora_b.safetensors", -0.5)]}
+    fp_graph = {"1": _unet("tiny_pixart.safetensors"), **COMMON}
+    for case, chain in cases.items():
+        fp_graph.update(with_loras(["1", 0], f"fpl_{case}", *chain))
+    server.run(fp_graph)
+    fp = latent(server, "fp4")
+    fp_l = {case: latent(server, f"fpl_{case}") for case in cases}
+    rows = []
+    for kind, preset in LAYER_TYPES.items():
+        graph = {"l": {"class_type": "DitqLoadQuantizedDiT", "inputs": {"model_name": f"p_{preset}.safetensors"}},
+                 **COMMON}
+        for case, chain in cases.items():
+            graph.update(with_loras(["l", 0], f"ql_{preset}_{case}", *chain))
+        server.run(graph)
+        # all LoRAs removed: strength 0 returns the model unpatched; sampled after the LoRA prompts
+        server.run({"l": graph["l"], **COMMON,
+                    "z": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["l", 0],
+                                                                         "lora_name": "lora_a.safetensors",
+                                                                         "strength_model": 0.0}},
+                    **_ksampler(["z", 0], f"z_{preset}")})
+        q = latent(server, f"r_{preset}")
+        assert torch.equal(latent(server, f"z_{preset}"), q), f"{kind}: removing the LoRAs does not restore it"
+        row = {"type": kind}
+        for case in cases:
+            q_l = latent(server, f"ql_{preset}_{case}")
+            row[f"effect {case}"] = rel(q_l, q) / rel(fp_l[case], fp)
+            row[f"error {case}"] = rel(q_l, fp_l[case]) / rel(q, fp)
+        rows.append(row)
+    print("\nFP LoRA effect:", {c: round(rel(fp_l[c], fp), 4) for c in cases})
+    for row in rows:
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+    RESULTS["lora"] = rows
+    for row in rows:  # what the branches guarantee everywhere: the LoRA acts as on FP
+        assert 0.8 <= row["effect s1.0"] <= 1.25 and 0.8 <= row["effect stack"] <= 1.25, row
+
+
+def tiny_wan_state_dict(seed=0) -> dict:
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    out = subprocess.run([python, str(PACK_ROOT / "tests" / "comfy_module_lists.py"), "--shapes", "wan-t2v"],
+                         cwd=COMFYUI_DIR, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in json.loads(out.stdout).items():
+        if "norm" in key and key.endswith("weight"):
+            t = torch.ones(shape)
+        elif key.endswith("modulation"):
+            t = torch.randn(shape, generator=g) * 0.1
+        elif key.endswith("bias"):
+            t = torch.randn(shape, generator=g) * 0.01
+        elif len(shape) == 2:
+            t = torch.randn(shape, generator=g) * shape[1] ** -0.5
+        else:
+            t = torch.randn(shape, generator=g) * 0.05
+        sd[key] = t.half()
+    return sd
+
+
+@pytest.mark.parametrize("preset", ["rtn-w8a8-dynamic", "vidit-q-w8a8", "rtn-w4a8"])
+def test_wan_from_stock_loader_quantize_sample_save_load(server, preset):
+    """A Wan 2.1-layout model (tiny config, ComfyUI's own WanModel) from the stock Load Diffusion
+    Model: Quantize DiT -> KSampler -> Save -> Load Quantized DiT -> KSampler, identical after reload."""
+    from safetensors.torch import save_file
+
+    wan = server.base / "models" / "diffusion_models" / "tiny_wan.safetensors"
+    if not wan.exists():
+        save_file(tiny_wan_state_dict(), str(wan))
+    video = {"1": _unet("tiny_wan.safetensors"), "2": COMMON["2"], "3": COMMON["3"],
+             "4": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 5,
+                                                                      "batch_size": 1}}}
+    calib = {"c": {"class_type": "DitqCalibrateDiT", "inputs": {
+        "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 7,
+        "steps": STEPS, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "preset": preset,
+        "load_calibration": "(run calibration)", "save_as": ""}}}
+    tag = f"wan_{preset}"
+    graph = {**video, **calib,
+             "q": {"class_type": "DitqQuantizeDiT", "inputs": {"model": ["1", 0], "preset": preset,
+                                                               "weight_bits": "preset", "calibration": ["c", 0]}},
+             "s": {"class_type": "DitqSaveQuantizedDiT", "inputs": {"model": ["q", 0], "filename": tag,
+                                                                    "format": "ditq", "overwrite": True}},
+             **_ksampler(["q", 0], f"q_{tag}"), **_ksampler(["1", 0], "wan_fp")}
+    t0 = time.time()
+    out = server.run(graph, timeout=900)
+    seconds = time.time() - t0
+    server.run({"l": {"class_type": "DitqLoadQuantizedDiT", "inputs": {"model_name": f"{tag}.safetensors"}},
+                **video, **_ksampler(["l", 0], f"r_{tag}")})
+    fp, q, r = latent(server, "wan_fp"), latent(server, f"q_{tag}"), latent(server, f"r_{tag}")
+    assert fp.shape[2] == 2 and torch.isfinite(fp).all()  # 5 frames -> 2 latent frames
+    assert torch.equal(q, r), "the reloaded Wan model samples differently"
+    report = out["q"]["text"][0]
+    assert "20 layers" in report, report  # 2 blocks x (4 self-attn + 4 cross-attn + 2 FFN)
+    db = sqnr_db(q, fp)
+    print(f"\nWan {preset}: SQNR vs FP {db:.2f} dB, {seconds:.1f} s; {report.splitlines()[-1]}")
+    assert db > (25 if "w8" in preset else 10), db
