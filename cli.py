@@ -37,7 +37,6 @@ def _quantize_on_this_rank(args) -> int:
     from .quant_core.calibration import calibrate
     from .quant_core.config import QuantConfig
     from .quant_core.methods import calibration_needs
-    from .evaluation.prompts import load_prompts
     from .quant_core.quantize import quantize
     from .quant_core.serialization import check_writable, save_quantized
 
@@ -52,7 +51,7 @@ def _quantize_on_this_rank(args) -> int:
     calib = None
     if needs:
         extra = {k: v for k, v in call.items() if k != "num_inference_steps"}
-        calib = calibrate(pipe, load_prompts("calibration")[: args.calib_prompts],
+        calib = calibrate(pipe, _calibration_inputs(pipe, args),
                           num_inference_steps=args.steps or call["num_inference_steps"], config=cfg,
                           workdir=args.workdir, progress=dist.is_main(), **extra)
     report = quantize(pipe.transformer, cfg, calib, progress=dist.is_main())
@@ -61,6 +60,24 @@ def _quantize_on_this_rank(args) -> int:
         print(report)
         print(f"saved to {saved}" + (f" (by rank 0 of {dist.world_size()})" if dist.active() else ""))
     return 0
+
+
+def _calibration_inputs(pipe, args) -> list:
+    """The calibration prompts of a text-conditioned pipeline (PixArt); class labels for a
+    class-conditional one (DiT): ``--calib-labels``, else ``--calib-prompts`` labels spread over the
+    pipeline's classes (ImageNet: 0, 125, 250, ... for 8)."""
+    from .evaluation.prompts import load_prompts
+    from .quant_core.sampling import takes_prompts
+
+    if takes_prompts(pipe):
+        if args.calib_labels:
+            raise ValueError("--calib-labels is for class-conditional pipelines (DiT); this pipeline takes "
+                             "text prompts: use --calib-prompts N")
+        return load_prompts("calibration")[: args.calib_prompts]
+    if args.calib_labels:
+        return args.calib_labels
+    classes = sorted(set(getattr(pipe, "labels", {}).values())) or list(range(pipe.transformer.config.num_embeds_ada_norm))
+    return classes[:: max(1, len(classes) // args.calib_prompts)][: args.calib_prompts]
 
 
 def _info(args) -> int:
@@ -106,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--calib-prompts", type=int, default=4)
     d.set_defaults(fn=_demo)
-    q = sub.add_parser("quantize", help="quantize a PixArt transformer and save it")
-    q.add_argument("--model", help="diffusers PixArt folder or Hub repo id (default: built-in)")
+    q = sub.add_parser("quantize", help="quantize a PixArt or DiT transformer and save it")
+    q.add_argument("--model", help="diffusers PixArt or DiT folder, or Hub repo id (default: built-in PixArt)")
     g = q.add_mutually_exclusive_group(required=True)
     g.add_argument("--preset")
     g.add_argument("--config", help="QuantConfig JSON file")
     q.add_argument("--out", required=True, help="output folder, or a .safetensors file")
-    q.add_argument("--calib-prompts", type=int, default=8)
+    q.add_argument("--calib-prompts", type=int, default=8,
+                   help="how many calibration prompts (class labels for a class-conditional DiT)")
+    q.add_argument("--calib-labels", type=int, nargs="+", help="class labels to calibrate a DiT on")
     q.add_argument("--steps", type=int)
     q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     q.add_argument("--small", action="store_true",

@@ -47,13 +47,16 @@ def through_api(pipe, config, prompts: list, call: dict, *, calib_steps: int, wo
 
 
 def through_cli(preset: str, out: Path, *, calib_prompts: int, steps: int, small: bool = True,
-                workdir=None) -> nn.Module:
-    """``ditq quantize --preset P`` on the built-in PixArt (in process), loaded back from its output."""
+                workdir=None, model=None, labels: list[int] | None = None) -> nn.Module:
+    """``ditq quantize --preset P`` (in process) on the built-in PixArt or the diffusers folder
+    ``model`` (a DiT calibrated on ``labels``), loaded back from its output."""
     from ..cli import main
     from ..quant_core.serialization import load_quantized
 
     args = ["quantize", "--preset", preset, "--out", str(out), "--calib-prompts", str(calib_prompts),
             "--steps", str(steps), "--workdir", str(workdir or Path(out).with_suffix(".work"))]
+    args += ["--model", str(model)] if model else []
+    args += ["--calib-labels", *map(str, labels)] if labels else []
     if main(args + (["--small"] if small else [])) != 0:
         raise RuntimeError(f"ditq {' '.join(args)} failed")
     return load_quantized(out)

@@ -439,12 +439,13 @@ def test_quantized_save_ignores_patches_and_stand_ins(comfy):
 
 # -- workflows ------------------------------------------------------------------------------------
 STOCK = {"UNETLoader", "CLIPLoader", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAELoader",
-         "VAEDecode", "SaveImage", "PreviewImage", "LoraLoaderModelOnly"}
+         "VAEDecode", "SaveImage", "PreviewImage", "LoraLoaderModelOnly", "EmptyHunyuanLatentVideo",
+         "SaveAnimatedWEBP", "DualCLIPLoader", "FluxGuidance", "ConditioningZeroOut", "EmptySD3LatentImage"}
 
 
 def test_workflows_are_loadable_ui_json(comfy):
     files = sorted((ROOT / "workflows").glob("*.json"))
-    assert len(files) == 3
+    assert len(files) == 5  # PixArt x 3, Wan video, Flux
     # ComfyUI's template browser reads workflows/ too; a second folder would list each twice
     assert not (ROOT / "example_workflows").exists()
     for path in files:

@@ -617,3 +617,30 @@ def test_wan_from_stock_loader_quantize_sample_save_load(server, preset):
     db = sqnr_db(q, fp)
     print(f"\nWan {preset}: SQNR vs FP {db:.2f} dB, {seconds:.1f} s; {report.splitlines()[-1]}")
     assert db > (25 if "w8" in preset else 10), db
+
+
+def test_workflows_match_this_comfyui(server):
+    """What drag-and-drop checks: every node of every shipped workflow exists in this ComfyUI with the
+    widgets the file fills, and every choice (but model file names) is one the node offers."""
+    info = _get(f"{server.url}/object_info")
+    widget_kinds = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+    for path in sorted((PACK_ROOT / "workflows").glob("*.json")):
+        wf = json.loads(path.read_text())
+        for node in wf["nodes"]:
+            assert node["type"] in info, f"{path.name}: ComfyUI has no node {node['type']}"
+            spec = info[node["type"]]["input"]
+            widgets = []
+            for section in ("required", "optional"):
+                for name, (kind, *opts) in spec.get(section, {}).items():
+                    kind = kind if isinstance(kind, str) else "COMBO"
+                    extra = opts[0] if opts else {}
+                    if kind in widget_kinds:
+                        widgets.append((name, kind, extra))
+                        if extra.get("control_after_generate"):
+                            widgets.append((None, None, None))
+            values = node["widgets_values"]
+            assert len(values) == len(widgets), f"{path.name}: {node['type']} has {len(values)} widget values"
+            for (name, kind, extra), value in zip(widgets, values):
+                options = extra.get("options") if kind == "COMBO" else None
+                if options and not str(value).endswith(".safetensors") and name != "load_calibration":
+                    assert value in options, f"{path.name}: {node['type']}.{name}={value!r} not in {options[:8]}"
