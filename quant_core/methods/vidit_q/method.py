@@ -196,7 +196,8 @@ class _Builder:
             return self.quant_linear(name, linear, scheme, b)(x)
         from ....kernels.reference import transform_input
 
-        w = qz.fake_quantize(b.weight, scheme.weight_bits, symmetric=scheme.weight_symmetric)
+        w = qz.fake_quantize(b.weight, scheme.weight_bits, symmetric=scheme.weight_symmetric,
+                             full_range=scheme.weight_full_range)
         xt = transform_input(x, b.smooth_scale, b.rotation_signs, b.rotation_block)
         if scheme.act_mode is not None:
             xt = qz.fake_quantize(xt, scheme.act_bits)
@@ -349,7 +350,7 @@ def _stored_form(planes: SplitPlaneLinear, linear: nn.Linear, config: QuantConfi
     else:
         q, scale = (16 * high.to(torch.int16) + low).to(torch.int8), planes.weight_scale
     scheme = dataclasses.replace(config.scheme_for(planes.layer_name, planes.in_features), weight_bits=bits[0],
-                                 weight_symmetric=True)
+                                 weight_symmetric=True, weight_full_range=False)  # the planes' ranges
     return QuantLinear.from_quantized(linear, scheme, q, scale, None, name=planes.layer_name,
                                       smooth_scale=planes.smooth_scale, rotation_signs=planes.rotation_signs,
                                       rotation_block=planes.rotation_block)

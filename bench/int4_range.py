@@ -1,0 +1,157 @@
+"""int4 weights in the narrow range [-7, 7] (format <= 2) against the full range [-8, 7] (format 3),
+at equal bytes: both store the same packed nibbles and the same float32 scales per row or group.
+
+Per layer: weight SQNR and output SQNR (``x @ w.T`` on held-out inputs) at the PixArt-XL shapes
+``[N, K]`` = 1152x1152 (attention), 4608x1152 (MLP up), 1152x4608 (MLP down), for Gaussian and
+heavy-tailed (Student-t, 3 degrees of freedom) weights, under RTN per channel / per group of 128,
+the MSE clip search (Q-DiT's "mse" quantizer) and GPTQ (Hessian from calibration inputs whose
+channels differ in scale by a log-normal factor, as DiT activations do). End to end: the built-in
+PixArt and DiT with rtn-w4a8 and Q-DiT W4A8, narrow vs full (``weight_full_range`` False / True).
+
+    python bench/int4_range.py            # ~10 min on 2 CPU cores
+    python bench/int4_range.py --smoke    # one small shape, no end-to-end: seconds
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ditq.quant_core import quantizers as qz
+from ditq.quant_core.config import QuantConfig
+from ditq.quant_core.metrics import sqnr
+from ditq.quant_core.passes.gptq import gptq, hessian, minmax_scale_fn
+
+HERE = Path(__file__).resolve().parent
+SHAPES = [(1152, 1152), (4608, 1152), (1152, 4608)]
+METHODS = ["rtn", "rtn-g128", "mse", "mse-g128", "gptq", "gptq-g128"]
+
+
+def weights(n: int, k: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+    if kind == "gaussian":
+        return torch.randn(n, k, generator=gen) * 0.02
+    chi2 = torch.randn(n, k, 3, generator=gen).pow(2).sum(-1)  # Student-t(3) = z / sqrt(chi2_3 / 3)
+    return torch.randn(n, k, generator=gen) / (chi2 / 3).sqrt() * 0.02
+
+
+def inputs(rows: int, k: int, channel_scale: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(rows, k, generator=gen) * channel_scale
+
+
+def quantize(method: str, w: torch.Tensor, h: torch.Tensor, full: bool) -> torch.Tensor:
+    """The dequantized weight ``method`` gives at 4 bits, symmetric, narrow or full range."""
+    base, _, group = method.partition("-g")
+    groups = qz.num_groups(w.shape[1], int(group) if group else None)
+    if base == "gptq":
+        q, s, z = gptq(w, h, bits=4, group_size=int(group) if group else None, full_range=full,
+                       scale_fn=minmax_scale_fn(4, True, full))
+    elif base == "mse":
+        s, z = qz.mse_clip_scale(w, 4, groups=groups, full_range=full)
+        q = qz.quantize(w, s, z, 4, True, full)
+    else:
+        q, s, z = qz.quantize_weight(w, 4, group_size=int(group) if group else None, full_range=full)
+    return qz.dequantize(q, s, z)
+
+
+def layer_rows(shapes, kinds, methods, seed: int = 0) -> list[dict]:
+    rows = []
+    for n, k in shapes:
+        for kind in kinds:
+            gen = torch.Generator().manual_seed(seed)
+            w = weights(n, k, kind, gen)
+            channel_scale = torch.exp(torch.randn(k, generator=gen) * 0.75)
+            h = hessian(inputs(2 * k, k, channel_scale, gen))
+            x = inputs(256, k, channel_scale, gen)
+            y = x @ w.t()
+            for method in methods:
+                row = dict(shape=f"{n}x{k}", weights=kind, method=method)
+                for label, full in (("narrow", False), ("full", True)):
+                    w_hat = quantize(method, w, h, full)
+                    row[f"w_{label}"], row[f"y_{label}"] = sqnr(w, w_hat), sqnr(y, x @ w_hat.t())
+                rows.append(row)
+                print(f"{row['shape']} {kind:8s} {method:9s} weight {row['w_narrow']:.2f} -> {row['w_full']:.2f} dB, "
+                      f"output {row['y_narrow']:.2f} -> {row['y_full']:.2f} dB", flush=True)
+    return rows
+
+
+def layer_table(rows: list[dict]) -> list[str]:
+    lines = ["| [N, K] | weights | quantizer | weight SQNR [-7,7] | [-8,7] | gain dB | output SQNR [-7,7] | "
+             "[-8,7] | gain dB |", "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['weights']} | {r['method']} | {r['w_narrow']:.2f} | {r['w_full']:.2f} | "
+                     f"{r['w_full'] - r['w_narrow']:+.2f} | {r['y_narrow']:.2f} | {r['y_full']:.2f} | "
+                     f"{r['y_full'] - r['y_narrow']:+.2f} |")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        gains = [r["y_full"] - r["y_narrow"] for r in rows if r["method"] == method]
+        lines.append(f"| mean | | {method} | | | {sum(r['w_full'] - r['w_narrow'] for r in rows if r['method'] == method) / len(gains):+.2f} "
+                     f"| | | {sum(gains) / len(gains):+.2f} |")
+    return lines
+
+
+def variants() -> dict[str, QuantConfig]:
+    """rtn-w4a8 and Q-DiT W4A8 (GPTQ, g128, symmetric weights: the range choice is about symmetric
+    ones; the q-dit-w4a8 preset's asymmetric weights already use all 16 levels and are unchanged)."""
+    out = {}
+    for name, changes in (("rtn-w4a8", {}), ("q-dit-w4a8", {"weight_symmetric": True})):
+        base = QuantConfig.preset(name).to_dict()
+        for label, full in (("[-7,7]", False), ("[-8,7]", True)):
+            out[f"{name}{' sym' if changes else ''} {label}"] = QuantConfig.from_dict(
+                {**base, **changes, "weight_full_range": full})
+    out["q-dit-w4a8 (preset, asym)"] = QuantConfig.preset("q-dit-w4a8")
+    return out
+
+
+def end_to_end() -> list[str]:
+    from ditq.evaluation import builtin
+    from ditq.evaluation.compare import compare_presets, markdown_table
+    from ditq.evaluation.prompts import load_prompts
+
+    lines = []
+    for name, build, call, conditions, calib in (
+            ("pixart", builtin.tiny_pixart_pipeline, dict(builtin.PIXART_CALL), load_prompts("evaluation")[:2],
+             load_prompts("calibration")[:4]),
+            ("dit", builtin.tiny_dit_pipeline, dict(builtin.DIT_CALL), [207, 360], [1, 88, 279, 980])):
+        pipe = build()
+        pipe.set_progress_bar_config(disable=True)
+        rows, _ = compare_presets(pipe, call, variants(), conditions, [0], calib,
+                                  calib_steps=call["num_inference_steps"], progress=False)
+        lines += [f"### {name}", "", markdown_table(rows), ""]
+        print("\n".join(lines[-3:]), flush=True)
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="one 128x256 layer, RTN and GPTQ, no end-to-end")
+    ap.add_argument("--out", default=str(HERE / "results" / "int4_range.md"))
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    if args.smoke:
+        rows = layer_rows([(128, 256)], ["gaussian"], ["rtn", "gptq-g128"])
+        e2e = []
+    else:
+        rows = layer_rows(SHAPES, ["gaussian", "student-t3"], METHODS)
+        e2e = ["## End to end (built-in models, latent and image error vs full precision)", "", *end_to_end()]
+    command = " ".join(["python bench/int4_range.py", *(argv if argv is not None else sys.argv[1:])])
+    lines = ["# int4 range: [-7, 7] (format <= 2) vs [-8, 7] (format 3) at equal bytes", "",
+             f"device: CPU ({platform.machine()}, {torch.get_num_threads()} threads) · date: "
+             f"{datetime.date.today().isoformat()} · command: `{command}` · wall time "
+             f"{time.perf_counter() - started:.0f} s", "",
+             "Both ranges store the same packed int4 nibbles and float32 scales per row (or group of 128): "
+             "equal bytes. Full-range scale per row/group: max(max(w, 0) / 7, -min(w, 0) / 8); the MSE clip "
+             "search and GPTQ run on the [-8, 7] grid. Output SQNR: y = x @ w.T on 256 held-out inputs.", "",
+             "## Per layer (PixArt-XL shapes)", "", *layer_table(rows), "", *e2e]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
