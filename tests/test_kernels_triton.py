@@ -207,6 +207,44 @@ def test_fp8_gemm():
         assert rel_err(y, ref.fp8_gemm(xq, sx, wq, sw, bias, out_dtype=torch.float32)) < 1e-6
 
 
+# -- real layer shapes (#18): the FFNs of Wan 2.1 14B and Flux at a few rows ---------------------
+REAL_SHAPES = {"wan-ffn-up": (5120, 13824), "wan-ffn-down": (13824, 5120),  # (K, N)
+               "flux-ffn-up": (3072, 12288), "flux-ffn-down": (12288, 3072)}
+REAL_FORMS = ("w8a8", "w4a8", "fp8", "w4a16-g128")
+CI_N = 80  # CI runs W4A8 at the longest K (13,824) and 80 output channels (a ragged N tile); a full-size case
+#            takes the interpreter minutes: DITQ_REAL_SHAPES=1 runs all 16 (times in docs/kernels.md)
+
+
+def real_cases():
+    if os.environ.get("DITQ_REAL_SHAPES") == "1":
+        return [(shape, form, None) for shape in REAL_SHAPES for form in REAL_FORMS]
+    return [("wan-ffn-down", "w4a8", CI_N)]
+
+
+@pytest.mark.parametrize("shape, form, n_cut", real_cases())
+def test_real_layer_shapes_at_three_rows(shape, form, n_cut):
+    """M = 3 rows through the full K and N of a real DiT's FFN: every K-step and N tile of the grid
+    runs (the N edge, the last K-step, int4 rows of 1,536-6,912 bytes), against the torch reference."""
+    k, n = REAL_SHAPES[shape]
+    w, x = rand(n_cut or n, k, seed=80, scale=0.02), rand(3, k, seed=81)
+    if form == "fp8":
+        (xq, sx), (wq, sw) = ref.act_quant_fp8(x), qz.quantize_fp8(w, per_row=True)
+        args = (xq, sx, wq, sw, None)
+        assert rel_err(gm.fp8_gemm(*args, out_dtype=torch.float32), ref.fp8_gemm(*args, out_dtype=torch.float32)) < 1e-5
+    elif form == "w4a16-g128":
+        q, sw, _ = qz.quantize_weight(w, 4, group_size=128, full_range=True)
+        args = (x.half(), qz.pack_bits(q, 4), sw, None, None)
+        kw = dict(bits=4, weight_format="int", in_features=k)
+        assert rel_err(gm.weight_only_linear(*args, **kw), ref.weight_only_linear(*args, **kw)) < 3e-3
+    else:
+        bits = 8 if form == "w8a8" else 4
+        q, sw, _ = qz.quantize_weight(w, bits, full_range=bits == 4)
+        xq, sx = ref.act_quant(x, 8)
+        args = (xq, sx, qz.pack_bits(q, bits), sw, None, None)
+        kw = dict(bits=bits, in_features=k, out_dtype=torch.float32)
+        assert rel_err(gm.int_gemm(*args, **kw), ref.int_gemm(*args, **kw)) < 1e-6
+
+
 def _truncate(v: torch.Tensor, mantissa_bits: int) -> torch.Tensor:
     """Round toward zero to ``mantissa_bits`` bits after the leading one."""
     m, e = torch.frexp(v)
