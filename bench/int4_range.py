@@ -11,8 +11,11 @@ Their weights are nn.Linear's uniform init, whose rows are nearly symmetric (max
 can hardly help there, so the built-in PixArt is also run with its block weights redrawn Gaussian at the
 same standard deviation (trained DiT weights are bell-shaped, not uniform).
 
-    python bench/int4_range.py            # ~10 min on 2 CPU cores
+    python bench/int4_range.py            # ~25 min on a busy 2-core CPU
     python bench/int4_range.py --smoke    # one small shape, no end-to-end: seconds
+    python bench/int4_range.py --seeds 8 --out bench/results/int4_range_seeds.md
+        # rtn-w4a8 only, on 8 random built-in PixArts (uniform and Gaussian block weights): the spread
+        # of the end-to-end effect from model to model
 """
 from __future__ import annotations
 
@@ -109,9 +112,9 @@ def variants() -> dict[str, QuantConfig]:
     return out
 
 
-def gaussian_block_weights(pipe):
+def gaussian_block_weights(pipe, seed: int = 0):
     """``pipe`` with every transformer-block Linear weight redrawn from a Gaussian of the same std."""
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in pipe.transformer.transformer_blocks.modules():
             if isinstance(m, torch.nn.Linear):
@@ -140,14 +143,52 @@ def end_to_end() -> list[str]:
     return lines
 
 
+def rtn_over_seeds(seeds: int) -> list[str]:
+    """Latent rel-L2 vs full precision of rtn-w4a8 narrow and full on ``seeds`` built-in PixArts."""
+    import copy
+
+    from ditq import quantize
+    from ditq.evaluation import builtin
+    from ditq.evaluation.prompts import load_prompts
+    from ditq.quant_core.metrics import rel_l2
+    from ditq.quant_core.sampling import sample
+
+    prompts, call = load_prompts("evaluation")[:2], dict(builtin.PIXART_CALL)
+    lines = ["| weights | model seed | latent rel-L2 [-7,7] | [-8,7] | full better |", "|---|---|---|---|---|"]
+    for kind in ("uniform (nn.Linear init)", "Gaussian"):
+        wins = 0
+        for seed in range(seeds):
+            pipe = builtin.tiny_pixart_pipeline(seed=seed)
+            pipe.set_progress_bar_config(disable=True)
+            if kind == "Gaussian":
+                gaussian_block_weights(pipe, seed)
+            fp, fp_transformer = [sample(pipe, p, 0, call)[0] for p in prompts], pipe.transformer
+            err = {}
+            for full in (False, True):
+                pipe.transformer = copy.deepcopy(fp_transformer)
+                cfg = QuantConfig.from_dict({**QuantConfig.preset("rtn-w4a8").to_dict(), "weight_full_range": full})
+                quantize(pipe.transformer, cfg, progress=False)
+                err[full] = sum(rel_l2(f, sample(pipe, p, 0, call)[0]) for f, p in zip(fp, prompts)) / len(prompts)
+            pipe.transformer = fp_transformer
+            wins += err[True] < err[False]
+            lines.append(f"| {kind} | {seed} | {err[False]:.4f} | {err[True]:.4f} | {'yes' if err[True] < err[False] else 'no'} |")
+            print(lines[-1], flush=True)
+        lines.append(f"| {kind} | all | | | {wins} of {seeds} |")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="one 128x256 layer, RTN and GPTQ, no end-to-end")
+    ap.add_argument("--seeds", type=int, help="only the rtn-w4a8 end-to-end comparison over this many models")
     ap.add_argument("--out", default=str(HERE / "results" / "int4_range.md"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     started = time.perf_counter()
-    if args.smoke:
+    if args.seeds:
+        rows, e2e = [], ["## rtn-w4a8 end to end over random built-in PixArts (2 prompts, seed 0 each)", "",
+                         *rtn_over_seeds(args.seeds)]
+    elif args.smoke:
         rows = layer_rows([(128, 256)], ["gaussian"], ["rtn", "gptq-g128"])
         e2e = []
     else:
@@ -161,7 +202,7 @@ def main(argv=None) -> int:
              "Both ranges store the same packed int4 nibbles and float32 scales per row (or group of 128): "
              "equal bytes. Full-range scale per row/group: max(max(w, 0) / 7, -min(w, 0) / 8); the MSE clip "
              "search and GPTQ run on the [-8, 7] grid. Output SQNR: y = x @ w.T on 256 held-out inputs.", "",
-             "## Per layer (PixArt-XL shapes)", "", *layer_table(rows), "", *e2e]
+             *(["## Per layer (PixArt-XL shapes)", "", *layer_table(rows), ""] if rows else []), *e2e]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
