@@ -93,9 +93,10 @@ def layer_table(rows: list[dict]) -> list[str]:
                      f"{r['w_full'] - r['w_narrow']:+.2f} | {r['y_narrow']:.2f} | {r['y_full']:.2f} | "
                      f"{r['y_full'] - r['y_narrow']:+.2f} |")
     for method in dict.fromkeys(r["method"] for r in rows):
-        gains = [r["y_full"] - r["y_narrow"] for r in rows if r["method"] == method]
-        lines.append(f"| mean | | {method} | | | {sum(r['w_full'] - r['w_narrow'] for r in rows if r['method'] == method) / len(gains):+.2f} "
-                     f"| | | {sum(gains) / len(gains):+.2f} |")
+        mine = [r for r in rows if r["method"] == method]
+        w_gain = sum(r["w_full"] - r["w_narrow"] for r in mine) / len(mine)
+        y_gain = sum(r["y_full"] - r["y_narrow"] for r in mine) / len(mine)
+        lines.append(f"| mean | | {method} | | | {w_gain:+.2f} | | | {y_gain:+.2f} |")
     return lines
 
 
@@ -171,7 +172,8 @@ def rtn_over_seeds(seeds: int) -> list[str]:
                 err[full] = sum(rel_l2(f, sample(pipe, p, 0, call)[0]) for f, p in zip(fp, prompts)) / len(prompts)
             pipe.transformer = fp_transformer
             wins += err[True] < err[False]
-            lines.append(f"| {kind} | {seed} | {err[False]:.4f} | {err[True]:.4f} | {'yes' if err[True] < err[False] else 'no'} |")
+            better = "yes" if err[True] < err[False] else "no"
+            lines.append(f"| {kind} | {seed} | {err[False]:.4f} | {err[True]:.4f} | {better} |")
             print(lines[-1], flush=True)
         lines.append(f"| {kind} | all | | | {wins} of {seeds} |")
     return lines

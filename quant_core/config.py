@@ -38,9 +38,9 @@ class LayerScheme(_DictRoundTrip):
     weight_format "int": ``weight_bits`` in 2..8, packed (see quantizers.pack_bits);
     "fp8": float8 e4m3 with a per-channel scale. ``weight_full_range`` (symmetric integer weights of
     fewer than 8 bits): values in [-2^(b-1), 2^(b-1) - 1] instead of ±(2^(b-1) - 1); files of format
-    version < 3 have no such field and mean False (serialization.py). ``act_mode`` None means weight-only (activations stay
-    in the compute dtype). Group-wise activations use the weight's ``group_size`` so an integer GEMM
-    can accumulate each group exactly (Q-DiT).
+    version < 3 have no such field and mean False (serialization.py). ``act_mode`` None means
+    weight-only (activations stay in the compute dtype). Group-wise activations use the weight's
+    ``group_size`` so an integer GEMM can accumulate each group exactly (Q-DiT).
     """
 
     weight_bits: int = 8

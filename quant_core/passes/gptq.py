@@ -60,7 +60,8 @@ def gptq(w: torch.Tensor, h: torch.Tensor, *, bits: int, symmetric: bool = True,
     Returns ``(q, scale, zero)`` as :func:`quantizers.quantize_weight` does: integer values ``[N, K]``
     (int8 symmetric / uint8 asymmetric), float32 ``scale`` and ``zero`` (or None) of shape ``[N, G]``.
     ``scale_fn`` maps weight columns ``[N, c]`` to a per-row ``(scale, zero)`` (min-max by default);
-    ``full_range`` rounds symmetric weights onto [-2^(b-1), 2^(b-1) - 1] (pass a scale_fn for that range).
+    ``full_range`` rounds symmetric weights onto [-2^(b-1), 2^(b-1) - 1] (the default ``scale_fn`` then
+    takes that range's min-max scale; a given one must be for that range too).
     ``block_size`` only batches the updates: it is rounded up to a multiple of ``group_size`` so every
     group is scaled from fully updated columns.
     """
