@@ -157,7 +157,7 @@ def rtn_over_seeds(seeds: int) -> list[str]:
     prompts, call = load_prompts("evaluation")[:2], dict(builtin.PIXART_CALL)
     lines = ["| weights | model seed | latent rel-L2 [-7,7] | [-8,7] | full better |", "|---|---|---|---|---|"]
     for kind in ("uniform (nn.Linear init)", "Gaussian"):
-        wins = 0
+        wins, sums = 0, {False: 0.0, True: 0.0}
         for seed in range(seeds):
             pipe = builtin.tiny_pixart_pipeline(seed=seed)
             pipe.set_progress_bar_config(disable=True)
@@ -172,10 +172,11 @@ def rtn_over_seeds(seeds: int) -> list[str]:
                 err[full] = sum(rel_l2(f, sample(pipe, p, 0, call)[0]) for f, p in zip(fp, prompts)) / len(prompts)
             pipe.transformer = fp_transformer
             wins += err[True] < err[False]
+            sums = {full: sums[full] + err[full] for full in sums}
             better = "yes" if err[True] < err[False] else "no"
             lines.append(f"| {kind} | {seed} | {err[False]:.4f} | {err[True]:.4f} | {better} |")
             print(lines[-1], flush=True)
-        lines.append(f"| {kind} | all | | | {wins} of {seeds} |")
+        lines.append(f"| {kind} | mean | {sums[False] / seeds:.4f} | {sums[True] / seeds:.4f} | {wins} of {seeds} |")
     return lines
 
 
