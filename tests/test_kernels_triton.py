@@ -223,8 +223,9 @@ def real_cases():
 
 @pytest.mark.parametrize("shape, form, n_cut", real_cases())
 def test_real_layer_shapes_at_three_rows(shape, form, n_cut):
-    """M = 3 rows through the full K and N of a real DiT's FFN: every K-step and N tile of the grid
-    runs (the N edge, the last K-step, int4 rows of 1,536-6,912 bytes), against the torch reference."""
+    """M = 3 rows through the full K (and N, unless cut to ``n_cut``) of a real DiT's FFN: every K-step
+    and N tile of the grid runs (the last K-step, int4 rows of 1,536-6,912 bytes), against the torch
+    reference."""
     k, n = REAL_SHAPES[shape]
     w, x = rand(n_cut or n, k, seed=80, scale=0.02), rand(3, k, seed=81)
     if form == "fp8":
