@@ -39,7 +39,7 @@ MUTANTS = [
     # the six the issue-22 audit saw survive
     Mutant("alpha-swap", "quant_core/passes/smoothing.py", "a.pow(alpha) / w.pow(1.0 - alpha)",
            "a.pow(1.0 - alpha) / w.pow(alpha)", (PINS, "tests/test_vidit_q.py", "-k", "smoothing")),
-    Mutant("int8-range-128", "quant_core/quantizers.py", "return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1",
+    Mutant("int8-range-128", "quant_core/quantizers.py", "return -(2 ** (bits - 1) - int(not full_range)), 2 ** (bits - 1) - 1",
            "return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1", (PINS, "tests/test_core_quantizers.py")),
     Mutant("zero-row-floor", "quant_core/quantizers.py", "return scale.clamp_min(SCALE_EPS), None",
            "return scale, None", (PINS, "tests/test_core_quantizers.py")),
@@ -76,6 +76,12 @@ MUTANTS = [
            "if False:", (HOSTILE, "-k", "values_outside")),
     Mutant("json-recursion-caught", "quant_core/serialization.py", "except RecursionError:",
            "except ZeroDivisionError:", (HOSTILE, "-k", "corpus or deep")),
+    Mutant("full-range-scale-one-end", "quant_core/quantizers.py",
+           "scale = torch.maximum(g.amax(dim=-1) / qmax, g.amin(dim=-1) / qmin)", "scale = g.abs().amax(dim=-1) / qmax",
+           (PINS, "tests/test_core_quantizers.py")),
+    Mutant("narrow-range-min-check", "quant_core/layers.py",
+           "and qz.holds_full_range_min(self.weight, s.weight_bits, self.in_features)):", "and False):",
+           (HOSTILE, "-k", "lowest_integer")),
     Mutant("quantize-restore", "quant_core/quantize.py", "            set_submodule(model, name, module)\n",
            "            pass\n", (HOSTILE, "-k", "failed_quantize")),
 ]

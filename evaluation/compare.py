@@ -57,9 +57,10 @@ def image_grid(rows: list[list[torch.Tensor]], labels: list[str], path, min_size
     return path
 
 
-def compare_presets(pipe, call: dict, presets: list[str], conditions: list, seeds: list[int],
+def compare_presets(pipe, call: dict, presets: list[str] | dict, conditions: list, seeds: list[int],
                     calib_conditions: list, *, calib_steps: int | None = None, progress: bool = True):
     """Quantize a copy of ``pipe.transformer`` with each preset and measure it against full precision.
+    ``presets``: preset names, or ``{label: QuantConfig}`` to compare variants of one.
 
     Calibrates once (the union of what the presets' methods need) on ``calib_conditions``; samples every
     (condition, seed) pair. Returns ``(rows, images)``: one dict of figures per preset (weight bytes in
@@ -78,7 +79,7 @@ def compare_presets(pipe, call: dict, presets: list[str], conditions: list, seed
     from ..quant_core.quantize import quantize
     from ..quant_core.serialization import WEIGHTS_NAME, save_quantized
 
-    configs = {name: QuantConfig.preset(name) for name in presets}
+    configs = presets if isinstance(presets, dict) else {name: QuantConfig.preset(name) for name in presets}
     pairs = [(c, s) for c in conditions for s in seeds]
     fp = [sample(pipe, c, s, call) for c, s in pairs]
     needs = [n for n in calibration_needs(*configs.values()) if n != SEARCH]  # searches run per config

@@ -36,9 +36,11 @@ class LayerScheme(_DictRoundTrip):
     """Storage and runtime format of one quantized Linear.
 
     weight_format "int": ``weight_bits`` in 2..8, packed (see quantizers.pack_bits);
-    "fp8": float8 e4m3 with a per-channel scale. ``act_mode`` None means weight-only (activations stay
-    in the compute dtype). Group-wise activations use the weight's ``group_size`` so an integer GEMM
-    can accumulate each group exactly (Q-DiT).
+    "fp8": float8 e4m3 with a per-channel scale. ``weight_full_range`` (symmetric integer weights of
+    fewer than 8 bits): values in [-2^(b-1), 2^(b-1) - 1] instead of ±(2^(b-1) - 1); files of format
+    version < 3 have no such field and mean False (serialization.py). ``act_mode`` None means
+    weight-only (activations stay in the compute dtype). Group-wise activations use the weight's
+    ``group_size`` so an integer GEMM can accumulate each group exactly (Q-DiT).
     """
 
     weight_bits: int = 8
@@ -48,6 +50,7 @@ class LayerScheme(_DictRoundTrip):
     weight_symmetric: bool = True
     act_bits: int | None = 8
     act_mode: str | None = "dynamic_token"
+    weight_full_range: bool = False
 
     def validate(self, layer: str = "<layer>", in_features: int | None = None) -> "LayerScheme":
         def fail(msg: str):
@@ -59,6 +62,11 @@ class LayerScheme(_DictRoundTrip):
             fail(f"weight_bits={self.weight_bits!r} unsupported; integer weights take 2..8 bits")
         if self.weight_format == "fp8" and self.weight_bits != 8:
             fail(f"fp8 weights are 8-bit, got weight_bits={self.weight_bits}")
+        if not isinstance(self.weight_full_range, bool):
+            fail(f"weight_full_range={self.weight_full_range!r} must be true or false")
+        if self.weight_full_range and not (self.weight_format == "int" and self.weight_symmetric
+                                           and self.weight_bits < 8):
+            fail("weight_full_range applies to symmetric integer weights of fewer than 8 bits")
         if self.weight_granularity not in WEIGHT_GRANULARITIES:
             fail(f"weight_granularity {self.weight_granularity!r} unsupported; expected {WEIGHT_GRANULARITIES}")
         grouped = self.weight_granularity == "group" or self.act_mode == "dynamic_token_group"
@@ -87,6 +95,7 @@ class LayerScheme(_DictRoundTrip):
     def name(self) -> str:
         """Short human-readable format, e.g. ``int4-g64 / a8-token``."""
         w = "fp8" if self.weight_format == "fp8" else f"int{self.weight_bits}"
+        w += "-full" if self.weight_full_range else ""
         w += {"channel": "", "tensor": "-tensor", "group": f"-g{self.group_size}"}[self.weight_granularity]
         a = {
             None: "a16",
@@ -110,7 +119,9 @@ class QuantConfig(_DictRoundTrip):
 
     ``include``/``exclude`` are regexes over module names, applied on top of the architecture's
     layer policy; ``layers`` maps a regex to LayerScheme fields overriding the default for matching
-    layers (last match wins); ``options`` holds method-specific settings.
+    layers (last match wins); ``options`` holds method-specific settings. ``weight_full_range`` None
+    (the default) resolves per layer: True for symmetric 4-bit integer weights, where the full range
+    measured better at the same bytes (bench/results/int4_range.md), False otherwise.
     """
 
     method: str = "rtn"
@@ -121,6 +132,7 @@ class QuantConfig(_DictRoundTrip):
     weight_symmetric: bool = True
     act_bits: int | None = 8
     act_mode: str | None = "dynamic_token"
+    weight_full_range: bool | None = None
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -133,21 +145,27 @@ class QuantConfig(_DictRoundTrip):
         self.default_scheme().validate("<default>")
         for pattern, fields in self.layers.items():
             re.compile(pattern)
-            dataclasses.replace(self.default_scheme(), **fields).validate(pattern)
+            self._scheme(fields).validate(pattern)
+
+    def _scheme(self, overrides: dict[str, Any]) -> LayerScheme:
+        """The default scheme with ``overrides`` applied, then ``weight_full_range`` None resolved (after
+        the overrides: a layer overridden to 8 bits gets the narrow range)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LayerScheme)}
+        fields.update(overrides)
+        if fields["weight_full_range"] is None:
+            fields["weight_full_range"] = (fields["weight_format"] == "int" and fields["weight_bits"] == 4
+                                           and fields["weight_symmetric"] is True)
+        return LayerScheme(**fields)
 
     def default_scheme(self) -> LayerScheme:
-        return LayerScheme(
-            weight_bits=self.weight_bits, weight_format=self.weight_format,
-            weight_granularity=self.weight_granularity, group_size=self.group_size,
-            weight_symmetric=self.weight_symmetric, act_bits=self.act_bits, act_mode=self.act_mode,
-        )
+        return self._scheme({})
 
     def scheme_for(self, layer: str, in_features: int | None = None) -> LayerScheme:
         fields: dict[str, Any] = {}
         for pattern, override in self.layers.items():
             if re.search(pattern, layer):
                 fields.update(override)
-        return dataclasses.replace(self.default_scheme(), **fields).validate(layer, in_features)
+        return self._scheme(fields).validate(layer, in_features)
 
     def selects(self, layer: str) -> bool:
         """Apply include/exclude on top of a policy's choice."""

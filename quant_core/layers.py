@@ -248,7 +248,8 @@ class QuantLinear(QuantModule):
             q, scale, zero = qz.quantize_weight(
                 w, scheme.weight_bits, symmetric=scheme.weight_symmetric,
                 group_size=scheme.group_size if scheme.weight_granularity == "group" else None,
-                per_tensor=scheme.weight_granularity == "tensor", name=f"{layer}.weight")
+                per_tensor=scheme.weight_granularity == "tensor", full_range=scheme.weight_full_range,
+                name=f"{layer}.weight")
         return cls.from_quantized(linear, scheme, q, scale, zero, name=name, input_scale=input_scale,
                                   smooth_scale=smooth_scale, rotation_signs=rotation_signs,
                                   rotation_block=rotation_block)
@@ -336,9 +337,11 @@ class QuantLinear(QuantModule):
 
     def check_state(self) -> None:
         """The format's rules: weight scales finite, > 0 and small enough that the largest dequantized
-        weight fits float16; zero points finite integers in the stored range; static input scales and
-        smoothing scales finite and > 0 (smoothing ones >= MIN_SMOOTH_SCALE); rotation signs +-1; fp8 weights finite. (Full-precision
-        tensors such as the bias are checked finite by serialization for every layer type.)"""
+        weight fits float16; zero points finite integers in the stored range; symmetric 8- and 4-bit
+        weights without ``weight_full_range`` never -2^(b-1) (-128, -8); static input scales and
+        smoothing scales finite and > 0 (smoothing ones >= MIN_SMOOTH_SCALE); rotation signs +-1; fp8
+        weights finite. (Full-precision tensors such as the bias are checked finite by serialization
+        for every layer type.)"""
         s = self.scheme
         scale = self.weight_scale
         _require(torch.isfinite(scale).all(), "non-finite weight scales")
@@ -348,6 +351,10 @@ class QuantLinear(QuantModule):
                                                     "weights beyond float16)")
         if s.weight_format == "fp8":
             _require(torch.isfinite(self.weight.float()).all(), "fp8 weight has NaN values")
+        if (s.weight_format == "int" and s.weight_symmetric and not s.weight_full_range and s.weight_bits in (4, 8)
+                and qz.holds_full_range_min(self.weight, s.weight_bits, self.in_features)):
+            raise ValueError(f"weight holds {-2 ** (s.weight_bits - 1)}, outside the symmetric range "
+                             f"+-{2 ** (s.weight_bits - 1) - 1} of a layer without weight_full_range")
         zp = self.weight_zero_point
         if zp is not None:
             half = 2 ** (s.weight_bits - 1)

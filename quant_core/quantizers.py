@@ -3,9 +3,12 @@
 Conventions (methods.md §1):
 - uniform affine: ``q = clamp(round(x / scale) + zero, qmin, qmax)``, ``x_hat = (q - zero) * scale``;
   ``torch.round`` rounds half to even, and the Triton kernels do the same.
-- symmetric b-bit integers use the range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (no -2^(b-1)), so negating
-  a quantized tensor never overflows; asymmetric ones use ``[0, 2^b - 1]`` with an integer zero point,
-  and the range is widened to include 0 so zero is exact.
+- symmetric b-bit integers use the narrow range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (no -2^(b-1)), so
+  negating a quantized tensor never overflows, or with ``full_range`` the full signed range
+  ``[-2^(b-1), 2^(b-1) - 1]`` (int4: [-8, 7], 16 levels instead of 15) with the scale chosen for it,
+  ``max(max(x, 0) / qmax, -min(x, 0) / -qmin)``: never coarser than the narrow range's and never
+  clipping. Asymmetric ones use ``[0, 2^b - 1]`` with an integer zero point, and the range is widened
+  to include 0 so zero is exact.
 - granularities are expressed by the shape of ``scale``: a tensor ``[rows, K]`` is split along K into
   ``G = scale.shape[-1]`` equal groups (G == 1: per row; rows == 1 as well: per tensor).
 - all-zero or constant rows get ``scale = eps`` instead of 0, so nothing divides by zero and the
@@ -40,11 +43,12 @@ def check_finite(x: torch.Tensor, what: str) -> None:
         raise NonFiniteError(f"{what}: {bad} NaN/Inf value(s); quantization needs finite input")
 
 
-def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+def int_range(bits: int, symmetric: bool, full_range: bool = False) -> tuple[int, int]:
+    """``(qmin, qmax)``; ``full_range`` (symmetric only) adds -2^(b-1)."""
     if not 2 <= bits <= 8:
         raise ValueError(f"integer bits must be in 2..8, got {bits}")
     if symmetric:
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+        return -(2 ** (bits - 1) - int(not full_range)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
 
@@ -66,7 +70,8 @@ def num_groups(width: int, group_size: int | None) -> int:
 
 
 def compute_scale(
-    x: torch.Tensor, bits: int, *, symmetric: bool = True, groups: int = 1, per_tensor: bool = False
+    x: torch.Tensor, bits: int, *, symmetric: bool = True, groups: int = 1, per_tensor: bool = False,
+    full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min-max scale (and zero point when asymmetric) for a ``[rows, K]`` tensor.
 
@@ -75,9 +80,12 @@ def compute_scale(
     """
     xf = x.float()
     g = xf.reshape(1, 1, -1) if per_tensor else _grouped(xf, groups)
-    qmin, qmax = int_range(bits, symmetric)
+    qmin, qmax = int_range(bits, symmetric, full_range)
     if symmetric:
-        scale = g.abs().amax(dim=-1) / qmax
+        if full_range:  # each side against its own end of the grid (qmin < 0)
+            scale = torch.maximum(g.amax(dim=-1) / qmax, g.amin(dim=-1) / qmin)
+        else:
+            scale = g.abs().amax(dim=-1) / qmax
         return scale.clamp_min(SCALE_EPS), None
     lo = g.amin(dim=-1).clamp(max=0.0)
     hi = g.amax(dim=-1).clamp(min=0.0)
@@ -88,7 +96,7 @@ def compute_scale(
 
 def mse_clip_scale(
     x: torch.Tensor, bits: int, *, symmetric: bool = True, groups: int = 1, steps: int = 100,
-    shrink: float = 0.001, norm: float = 2.4,
+    shrink: float = 0.001, norm: float = 2.4, full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Like :func:`compute_scale`, but each (row, group) range is clipped by the factor
     ``1 - shrink * i`` (i < ``steps``) that minimises the ``norm``-power quantization error
@@ -99,8 +107,9 @@ def mse_clip_scale(
     best_scale = best_zero = None
     for i in range(steps):
         factor = 1.0 - shrink * i
-        scale, zero = compute_scale((g * factor).reshape(rows, -1), bits, symmetric=symmetric, groups=groups)
-        deq = dequantize(quantize(x, scale, zero, bits, symmetric), scale, zero)
+        scale, zero = compute_scale((g * factor).reshape(rows, -1), bits, symmetric=symmetric, groups=groups,
+                                    full_range=full_range)
+        deq = dequantize(quantize(x, scale, zero, bits, symmetric, full_range), scale, zero)
         err = (_grouped(deq, groups) - g).abs().pow(norm).sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -111,11 +120,12 @@ def mse_clip_scale(
 
 
 def quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, symmetric: bool = True
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, symmetric: bool = True,
+    full_range: bool = False,
 ) -> torch.Tensor:
     """Quantize ``[rows, K]`` with ``scale``/``zero`` of shape ``[rows or 1, G]``; returns int8 (sym) or
     uint8 (asym) values in the integer range of ``bits``."""
-    qmin, qmax = int_range(bits, symmetric)
+    qmin, qmax = int_range(bits, symmetric, full_range)
     rows, k = x.shape
     groups = scale.shape[-1]
     g = _grouped(x.float(), groups)
@@ -138,13 +148,14 @@ def dequantize(
 
 def quantize_weight(
     w: torch.Tensor, bits: int, *, symmetric: bool = True, group_size: int | None = None,
-    per_tensor: bool = False, name: str = "weight",
+    per_tensor: bool = False, full_range: bool = False, name: str = "weight",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest weight quantization per output channel (or group / tensor)."""
     check_finite(w, name)
     groups = num_groups(w.shape[1], group_size)
-    scale, zero = compute_scale(w, bits, symmetric=symmetric, groups=groups, per_tensor=per_tensor)
-    return quantize(w, scale, zero, bits, symmetric), scale, zero
+    scale, zero = compute_scale(w, bits, symmetric=symmetric, groups=groups, per_tensor=per_tensor,
+                                full_range=full_range)
+    return quantize(w, scale, zero, bits, symmetric, full_range), scale, zero
 
 
 PLANE_QMAX = 119  # 8-bit range whose high 4-bit plane, round(q / 16), stays in the symmetric [-7, 7]
@@ -190,11 +201,11 @@ def quantize_fp8(x: torch.Tensor, *, per_row: bool = True, name: str = "tensor")
 
 
 def fake_quantize(x: torch.Tensor, bits: int, *, symmetric: bool = True, group_size: int | None = None,
-                  per_tensor: bool = False) -> torch.Tensor:
+                  per_tensor: bool = False, full_range: bool = False) -> torch.Tensor:
     """Quantize then dequantize, in x's dtype. For calibration and analysis only: no memory saved."""
     flat = x.reshape(-1, x.shape[-1])
     q, scale, zero = quantize_weight(flat, bits, symmetric=symmetric, group_size=group_size,
-                                     per_tensor=per_tensor, name="fake_quantize input")
+                                     per_tensor=per_tensor, full_range=full_range, name="fake_quantize input")
     return dequantize(q, scale, zero, x.dtype).reshape(x.shape)
 
 
@@ -231,3 +242,16 @@ def unpack_bits(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
     shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
     u = (word.unsqueeze(-1) >> shifts) & (2**bits - 1)
     return (u.reshape(rows, -1)[:, :width] - 2 ** (bits - 1)).to(torch.int8)
+
+
+def holds_full_range_min(packed: torch.Tensor, bits: int, width: int) -> bool:
+    """Whether the signed values ``[rows, width]`` that :func:`pack_bits` stored in ``packed`` (8 or 4
+    bits) include ``-2^(b-1)``, the value only the full range has. Read from the packed bytes (a
+    4-bit -8 is a zero nibble) so a load never unpacks a whole model; padding is not looked at."""
+    if bits == 8:
+        return bool((packed.view(torch.int8) == -128).any())
+    if bits != 4:
+        raise ValueError(f"holds_full_range_min reads 8- or 4-bit values, got {bits} bits")
+    pairs = packed[:, : width // 2]
+    hit = bool(((pairs & 0x0F) == 0).any() or (pairs < 0x10).any())
+    return hit or bool(width % 2 and ((packed[:, width // 2] & 0x0F) == 0).any())

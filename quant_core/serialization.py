@@ -5,7 +5,7 @@ Folder format (a diffusers model folder, DESIGN.md §3)::
     config.json                           the model's diffusers config + "quantization_config"
     diffusion_pytorch_model.safetensors   quantized layers' buffers + the kept full-precision tensors
 
-``quantization_config`` = ``{"quant_method": "ditq", "format_version": 2, "method": ..., "recipe":
+``quantization_config`` = ``{"quant_method": "ditq", "format_version": 3, "method": ..., "recipe":
 QuantConfig, "layers": {module name: layer spec}, "config_groups"/"ignore": the same in
 compressed-tensors' vocabulary, "method_state": what a method must keep (seeds, genomes)}``.
 ``layers`` is authoritative: a model is rebuilt from it and the tensors alone.
@@ -13,7 +13,16 @@ compressed-tensors' vocabulary, "method_state": what a method must keep (seeds, 
 Versions: the rule is to bump ``format_version`` when a file this version writes may hold something
 an older reader would misread or cannot build. 2 added the ``split_planes`` layer (ViDiT-Q-MP's
 W8 as two 4-bit planes); format-1 files still load unchanged (their ``timestep_switch`` layers derive
-any lower-bit view once at load).
+any lower-bit view once at load). 3 added ``weight_full_range`` to the layer scheme.
+
+Integer ranges per version (``q`` the stored value, b the weight bits; asymmetric weights are
+``[0, 2^b - 1]`` in every version, stored offset to signed):
+- 1 and 2: symmetric weights are ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (int4 [-7, 7], int8 [-127, 127]);
+  their schemes have no ``weight_full_range`` and a file of these versions that records one is refused.
+- 3: the same, unless a layer's scheme records ``"weight_full_range": true`` (symmetric, b < 8): then
+  ``[-2^(b-1), 2^(b-1) - 1]`` (int4 [-8, 7]). ditq writes it for symmetric 4-bit weights by default.
+On load a symmetric 4- or 8-bit weight holding -2^(b-1) without that flag is refused (as is a -8 in
+a ``split_planes`` high plane, [-7, 7] in every version).
 
 Single-file format: the same tensors in one ``.safetensors`` whose header metadata holds
 ``ditq.quantization_config`` and ``ditq.model_config`` as JSON strings.
@@ -53,7 +62,8 @@ from torch import nn
 from . import distributed as dist
 from .layers import FP16_MAX, LAYER_TYPES, QuantModule
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+FULL_RANGE_VERSION = 3  # the first version whose layer schemes may record weight_full_range
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
 
@@ -410,7 +420,20 @@ def check_quantization_config(qcfg: Any, source: str, max_layers: int | None = N
             raise CheckpointError(f"{source}: layer {name!r} has unknown layer_type "
                                   f"{spec.get('layer_type') if isinstance(spec, dict) else spec!r}; "
                                   f"known: {sorted(LAYER_TYPES)}")
+    if version < FULL_RANGE_VERSION:
+        _refuse_full_range_fields(layers, version, source)
     return qcfg
+
+
+def _refuse_full_range_fields(layers: dict[str, Any], version: int, source: str) -> None:
+    """Files older than FULL_RANGE_VERSION mean the symmetric range and cannot say otherwise."""
+    for name, spec in layers.items():
+        nested = spec.get("variants") if isinstance(spec.get("variants"), list) else []
+        for part in (spec, *nested):
+            scheme = part.get("scheme") if isinstance(part, dict) else None
+            if isinstance(scheme, dict) and "weight_full_range" in scheme:
+                raise CheckpointError(f"{source}: layer {name!r} records weight_full_range, which format_version "
+                                      f"{version} does not have (it came with version {FULL_RANGE_VERSION})")
 
 
 def check_model_config(model_cfg: Any, source: str, tensor_names) -> dict[str, Any]:

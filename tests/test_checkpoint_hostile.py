@@ -221,6 +221,47 @@ def test_values_outside_the_format_rules_are_refused(tmp_path, bases, key, value
         load_quantized(tmp_path / "x.safetensors")
 
 
+def test_the_lowest_integer_is_accepted_exactly_where_the_range_has_it(tmp_path):
+    """-2^(b-1) (-8, -128) is in the range of symmetric 4-bit layers that record weight_full_range
+    (format 3) and asymmetric ones, and in no other symmetric layer nor a split-plane high plane."""
+    from ditq.quant_core.config import LayerScheme
+    from ditq.quant_core.layers import QuantLinear
+    from ditq.quant_core.methods.vidit_q.switching import SplitPlaneLinear
+    from ditq.quant_core.models import set_submodule
+
+    model, fp = fuzz.quantized_tiny_model(), fuzz.tiny_model()
+    block = "transformer_blocks.0.attn2."
+    for name, full in (("to_k", False), ("to_v", True)):
+        set_submodule(model, block + name, QuantLinear.from_linear(
+            fp.get_submodule(block + name), LayerScheme(weight_bits=4, weight_full_range=full), name=block + name))
+    out = fp.get_submodule(block + "to_out.0")
+    set_submodule(model, block + "to_out.0", SplitPlaneLinear.from_weight(out, out.weight, [500.0], [8, 4]))
+    tensors, meta = read_safetensors(save_quantized(model, tmp_path / "base.safetensors"))
+    cases = {  # buffer: refusal, None where -2^(b-1) is allowed
+        block + "to_k.weight": "weight holds -8, outside the symmetric range \\+-7",
+        block + "to_v.weight": None,
+        "transformer_blocks.0.attn1.to_k.weight": None,  # asymmetric int4, stored offset to signed
+        "transformer_blocks.0.attn1.to_q.weight": "weight holds -128, outside the symmetric range \\+-127",
+        block + "to_out.0.weight_high": "weight_high holds -8",
+        block + "to_out.0.weight_low": None,  # the low plane is [-8, 7]
+    }
+    for key, refusal in cases.items():
+        edited = {k: v.clone() for k, v in tensors.items()}
+        t = edited[key]
+        if t.dtype == torch.int8:
+            t[0, 1] = -128
+        else:
+            t[0, 0] &= 0x0F  # value 1 of row 0 (the high nibble) becomes 0 - 8
+        _write(tmp_path, fuzz._single_from(edited, meta))
+        if refusal is None:
+            loaded = load_quantized(tmp_path / "x.safetensors").get_submodule(key.rsplit(".", 1)[0])
+            assert torch.equal(loaded._buffers[key.rsplit(".", 1)[1]], t), key
+        else:
+            layer = re.escape(key.rsplit(".", 1)[0])
+            with pytest.raises(CheckpointError, match=f"x.safetensors: layer '{layer}': {refusal}"):
+                load_quantized(tmp_path / "x.safetensors")
+
+
 def test_loaded_switch_variants_keep_their_names_and_codebook_checks_input(tmp_path):
     from ditq.quant_core.config import LayerScheme
     from ditq.quant_core.layers import QuantLinear, qz

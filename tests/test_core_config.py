@@ -82,3 +82,32 @@ def test_dit_policy(dit_pipe):
 def test_layer_scheme_names():
     assert LayerScheme(weight_bits=4, weight_granularity="group", group_size=64).name == "int4-g64 / a8-token"
     assert LayerScheme(act_bits=None, act_mode=None).name == "int8 / a16"
+
+
+def test_full_range_default_is_symmetric_int4_only_and_resolved_after_overrides():
+    cfg = QuantConfig(weight_bits=4, layers={r"ff\.net\.2": {"weight_bits": 8}, "proj_out": {"weight_symmetric": False},
+                                             "to_k": {"weight_full_range": False}})
+    assert cfg.weight_full_range is None and cfg.default_scheme().weight_full_range is True
+    assert cfg.scheme_for("blocks.0.attn1.to_q").weight_full_range is True
+    assert cfg.scheme_for("blocks.0.ff.net.2").weight_full_range is False  # overridden to 8 bits: narrow
+    assert cfg.scheme_for("proj_out").weight_full_range is False  # asymmetric: all 16 levels already
+    assert cfg.scheme_for("blocks.0.attn1.to_k").weight_full_range is False  # asked for
+    for name in ("rtn-w8a8-dynamic", "rtn-w3a16", "q-dit-w4a8", "rtn-fp8"):
+        assert QuantConfig.preset(name).default_scheme().weight_full_range is False, name
+    for name in ("rtn-w4a8", "rtn-w4a16"):
+        assert QuantConfig.preset(name).default_scheme().weight_full_range is True, name
+    assert QuantConfig.from_json(cfg.to_json()) == cfg
+    assert LayerScheme(weight_bits=4, weight_full_range=True).name == "int4-full / a8-token"
+    # a scheme without the field (format <= 2) means the narrow range
+    assert LayerScheme.from_dict({"weight_bits": 4}).weight_full_range is False
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"weight_bits": 8}, "fewer than 8 bits"),
+    ({"weight_bits": 4, "weight_symmetric": False}, "symmetric integer"),
+    ({"weight_format": "fp8", "act_mode": "dynamic_token_fp8"}, "symmetric integer"),
+    ({"weight_bits": 4, "weight_full_range": 1}, "must be true or false"),
+])
+def test_full_range_refused_where_it_has_no_meaning(fields, message):
+    with pytest.raises(ValueError, match=message):
+        LayerScheme(**{"weight_full_range": True, **fields}).validate("blocks.0.ff")

@@ -114,3 +114,54 @@ def test_fake_quantize_is_quantize_then_dequantize():
     fq = qz.fake_quantize(x, 4)
     q, s, _ = qz.quantize_weight(x.reshape(-1, 32), 4)
     assert torch.equal(fq, qz.dequantize(q, s).reshape(x.shape))
+
+
+# -- full range [-2^(b-1), 2^(b-1) - 1] (format 3) -------------------------------------------------
+def ref_full(x, bits, groups=1):
+    """float64 full-range symmetric RTN written out independently: each side against its own end."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    g = x.double().reshape(x.shape[0], groups, -1)
+    scale = torch.maximum(g.clamp(min=0).amax(-1) / qmax, g.clamp(max=0).amin(-1) / qmin).clamp_min(qz.SCALE_EPS)
+    return (torch.round(g / scale.unsqueeze(-1)).clamp(qmin, qmax) * scale.unsqueeze(-1)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("bits, group", [(4, None), (4, 16), (3, None)])
+def test_full_range_matches_float64_and_reaches_minus_2_to_b_minus_1(bits, group):
+    w = torch.randn(41, 64, generator=torch.Generator().manual_seed(bits))
+    w[0] = -w[0].abs()  # all negative: the scale is -min / 8
+    w[1] = w[1].abs()   # all positive: -8 unused, the scale is max / 7 as in the narrow range
+    q, s, z = qz.quantize_weight(w, bits, group_size=group, full_range=True)
+    assert z is None and q.min() == -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1) - 1
+    groups = 1 if group is None else 64 // group
+    deq = qz.dequantize(q, s).double()
+    torch.testing.assert_close(deq, ref_full(w, bits, groups), rtol=0, atol=1e-6)
+    assert (q[0] == -(2 ** (bits - 1))).any() and not (q[1] < 0).any()
+    # never coarser than the narrow range's scale, never clipping: error within half a step
+    _, s_narrow, _ = qz.quantize_weight(w, bits, group_size=group)
+    assert (s <= s_narrow).all() and (s < s_narrow).any()
+    err = (deq - w.double()).abs().reshape(41, groups, -1)
+    assert (err <= s.double().unsqueeze(-1) / 2 + 1e-7).all()
+
+
+def test_full_range_mse_clip_search_runs_on_the_full_grid():
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(9))
+    x[:, 3] = -8 * x[:, 3].abs()  # a negative outlier per row: the -8 end pays
+    s, z = qz.mse_clip_scale(x, 4, groups=2, full_range=True)
+    q = qz.quantize(x, s, z, 4, True, True)
+    assert q.min() == -8
+    err = lambda sz, full: (qz.dequantize(qz.quantize(x, *sz, 4, True, full), *sz) - x).abs().pow(2.4).sum(-1)
+    minmax = qz.compute_scale(x, 4, groups=2, full_range=True)
+    assert (err((s, z), True) <= err(minmax, True) + 1e-6).all()  # the search starts at min-max
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("width", [6, 7, 16, 23])
+def test_holds_full_range_min_reads_packed_bytes_and_skips_padding(bits, width):
+    lo = -(2 ** (bits - 1))
+    q = torch.randint(lo + 1, -lo, (3, width), generator=torch.Generator().manual_seed(width), dtype=torch.int32)
+    packed = qz.pack_bits(q.to(torch.int8), bits)  # 4 bits: padding nibbles are 0, which reads as -8
+    assert not qz.holds_full_range_min(packed, bits, width)
+    for col in (0, width - 1, width // 2):
+        hit = q.clone()
+        hit[2, col] = lo
+        assert qz.holds_full_range_min(qz.pack_bits(hit.to(torch.int8), bits), bits, width), col

@@ -130,6 +130,35 @@ def test_unknown_format_version_and_layer_type(tmp_path, quantized_w4):
         load_quantized(tmp_path / "q")
 
 
+def test_int4_full_range_recorded_in_format_3_and_refused_in_older_versions(tmp_path, tiny_pipe):
+    import copy
+
+    from ditq.kernels.reference import unpack_weight
+
+    transformer = copy.deepcopy(tiny_pipe.transformer)
+    with torch.no_grad():  # Gaussian weights, like trained ones, use -8; the uniform init hardly does
+        for m in transformer.transformer_blocks.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0.0, m.weight.std().item())
+    quantize(transformer, QuantConfig.preset("rtn-w4a8"), progress=False)
+    save_quantized(transformer, tmp_path / "q")
+    cfg_path = tmp_path / "q" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    qcfg = cfg["quantization_config"]
+    assert qcfg["format_version"] == 3
+    assert all(spec["scheme"]["weight_full_range"] is True for spec in qcfg["layers"].values())
+    loaded = load_quantized(tmp_path / "q")
+    layers = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert all(unpack_weight(m.weight, 4, m.in_features).min() == -8 for m in layers)
+    with torch.no_grad():
+        assert torch.equal(loaded(**_inputs(), return_dict=False)[0], transformer(**_inputs(), return_dict=False)[0])
+    qcfg["format_version"] = 2  # a version that means [-7, 7] cannot say otherwise
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"layer 'transformer_blocks\.\d\.[\w.]+' records weight_full_range, "
+                                              "which format_version 2 does not have"):
+        load_quantized(tmp_path / "q")
+
+
 def test_unsupported_bits_in_file(tmp_path, quantized_w4):
     save_quantized(quantized_w4, tmp_path / "q")
     cfg_path = tmp_path / "q" / "config.json"

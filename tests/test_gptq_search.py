@@ -13,7 +13,7 @@ from ditq.quant_core.passes.gptq import gptq, hessian
 from ditq.quant_core.passes.evolution import EvolutionSettings, evolutionary_search
 
 
-def obs_reference(w, h, bits, symmetric, group_size, damp):
+def obs_reference(w, h, bits, symmetric, group_size, damp, full_range=False):
     """Textbook optimal-brain-quantizer order: quantize column i, spread its error with the explicit
     inverse Hessian, then remove row/column i from the inverse (no Cholesky, no blocking)."""
     w = w.double().clone()
@@ -23,8 +23,9 @@ def obs_reference(w, h, bits, symmetric, group_size, damp):
     out = torch.empty_like(w)
     for i in range(k):
         if i % group_size == 0:
-            scale, zero = qz.compute_scale(w[:, i:i + group_size].float(), bits, symmetric=symmetric)
-        qi = qz.quantize(w[:, i:i + 1].float(), scale, zero, bits, symmetric)
+            scale, zero = qz.compute_scale(w[:, i:i + group_size].float(), bits, symmetric=symmetric,
+                                           full_range=full_range)
+        qi = qz.quantize(w[:, i:i + 1].float(), scale, zero, bits, symmetric, full_range)
         out[:, i] = qz.dequantize(qi, scale, zero).double()[:, 0]
         err = (w[:, i] - out[:, i]) / hinv[i, i]
         w[:, i + 1:] -= err[:, None] * hinv[i, i + 1:][None, :]
@@ -48,6 +49,20 @@ def test_gptq_matches_obs_reference(symmetric, group_size, block):
     ref = obs_reference(w, h, 4, symmetric, group_size, 0.01)
     got = qz.dequantize(q, scale, zero).double()
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_size", [16, 64])
+def test_gptq_full_range_matches_obs_reference_and_is_rtn_without_correlation(group_size):
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(12, 64, generator=g)
+    h = hessian(correlated_inputs(256, 64, 7))
+    q, scale, zero = gptq(w, h, bits=4, group_size=group_size, full_range=True)
+    assert zero is None and q.min() == -8 and q.max() <= 7
+    ref = obs_reference(w, h, 4, True, group_size, 0.01, full_range=True)
+    assert torch.allclose(qz.dequantize(q, scale).double(), ref, atol=1e-5)
+    q2, s2, _ = gptq(w, torch.eye(64) * 2, bits=4, group_size=group_size, full_range=True, damp=0.0)
+    qr, sr, _ = qz.quantize_weight(w, 4, group_size=group_size, full_range=True)
+    assert torch.equal(q2, qr) and torch.equal(s2, sr)
 
 
 def test_gptq_beats_rtn_and_equals_rtn_without_correlation():

@@ -166,6 +166,38 @@ def test_int_gemm_groups_spanning_several_k_steps(bits):
     assert rel_err(y, ref.int_gemm(*args, bits=bits, in_features=k, out_dtype=torch.float32)) < 1e-6
 
 
+def full_range_int4(n, k, groups, seed):
+    """Packed int4 in the full range [-8, 7] (format 3): row 0 all -8, row 1 alternating -8 / 7, the
+    rest uniform over the 16 values; positive scales ``[n, groups]``."""
+    q = torch.randint(-8, 8, (n, k), generator=gen(seed), dtype=torch.int32)
+    q[0] = -8
+    q[1, 0::2], q[1, 1::2] = -8, 7
+    return q.to(torch.int8), torch.rand(n, groups, generator=gen(seed + 1)) + 0.01
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_int4_full_range_gemms_decode_minus_8(group_size):
+    """W4A8 (per channel, ragged K = 100; group-wise g32) and W4A16 (fused and decode-then-dense) on
+    weights that hit -8, against the torch reference; unit scales give the exact integer sums."""
+    k = 100 if group_size is None else 96
+    groups = 1 if group_size is None else k // group_size
+    q, sw = full_range_int4(N, k, groups, seed=40 + groups)
+    w = qz.pack_bits(q, 4)
+    xq, sx = ref.act_quant(rand(M, k, seed=42), 8, group_size)
+    y = gm.int_gemm(xq, sx, w, sw, None, None, bits=4, in_features=k, out_dtype=torch.float32)
+    assert rel_err(y, ref.int_gemm(xq, sx, w, sw, None, None, bits=4, in_features=k, out_dtype=torch.float32)) < 1e-6
+    unit = (xq, torch.ones(M, groups), w, torch.ones(N, groups), None, None)
+    for impl in (gm, ref):
+        ones = impl.int_gemm(*unit, bits=4, in_features=k, out_dtype=torch.float32)
+        assert torch.equal(ones, (xq.double() @ q.double().t()).float()), impl
+        assert torch.equal(ones[:, 0], (-8 * xq.double().sum(1)).float()), impl
+    kw = dict(bits=4, weight_format="int", in_features=k)
+    for m in (M, gm.FUSED_DECODE_MAX_M + 3):
+        x = rand(m, k, seed=43, dtype=torch.float16)
+        assert rel_err(gm.weight_only_linear(x, w, sw, None, None, **kw),
+                       ref.weight_only_linear(x, w, sw, None, None, **kw)) < 3e-3
+
+
 def test_fp8_gemm():
     for k in (96, 100):
         xq, sx = ref.act_quant_fp8(rand(M, k, seed=40, scale=5.0))
@@ -173,6 +205,45 @@ def test_fp8_gemm():
         bias = rand(N, seed=42)
         y = gm.fp8_gemm(xq, sx, wq, sw, bias, out_dtype=torch.float32)
         assert rel_err(y, ref.fp8_gemm(xq, sx, wq, sw, bias, out_dtype=torch.float32)) < 1e-6
+
+
+# -- real layer shapes (#18): the FFNs of Wan 2.1 14B and Flux at a few rows ---------------------
+REAL_SHAPES = {"wan-ffn-up": (5120, 13824), "wan-ffn-down": (13824, 5120),  # (K, N)
+               "flux-ffn-up": (3072, 12288), "flux-ffn-down": (12288, 3072)}
+REAL_FORMS = ("w8a8", "w4a8", "fp8", "w4a16-g128")
+CI_N = 80  # CI runs W4A8 at the longest K (13,824) and 80 output channels (a ragged N tile); a full-size case
+#            takes the interpreter minutes: DITQ_REAL_SHAPES=1 runs all 16 (times in docs/kernels.md)
+
+
+def real_cases():
+    if os.environ.get("DITQ_REAL_SHAPES") == "1":
+        return [(shape, form, None) for shape in REAL_SHAPES for form in REAL_FORMS]
+    return [("wan-ffn-down", "w4a8", CI_N)]
+
+
+@pytest.mark.parametrize("shape, form, n_cut", real_cases())
+def test_real_layer_shapes_at_three_rows(shape, form, n_cut):
+    """M = 3 rows through the full K (and N, unless cut to ``n_cut``) of a real DiT's FFN: every K-step
+    and N tile of the grid runs (the last K-step, int4 rows of 1,536-6,912 bytes), against the torch
+    reference."""
+    k, n = REAL_SHAPES[shape]
+    w, x = rand(n_cut or n, k, seed=80, scale=0.02), rand(3, k, seed=81)
+    if form == "fp8":
+        (xq, sx), (wq, sw) = ref.act_quant_fp8(x), qz.quantize_fp8(w, per_row=True)
+        args = (xq, sx, wq, sw, None)
+        assert rel_err(gm.fp8_gemm(*args, out_dtype=torch.float32), ref.fp8_gemm(*args, out_dtype=torch.float32)) < 1e-5
+    elif form == "w4a16-g128":
+        q, sw, _ = qz.quantize_weight(w, 4, group_size=128, full_range=True)
+        args = (x.half(), qz.pack_bits(q, 4), sw, None, None)
+        kw = dict(bits=4, weight_format="int", in_features=k)
+        assert rel_err(gm.weight_only_linear(*args, **kw), ref.weight_only_linear(*args, **kw)) < 3e-3
+    else:
+        bits = 8 if form == "w8a8" else 4
+        q, sw, _ = qz.quantize_weight(w, bits, full_range=bits == 4)
+        xq, sx = ref.act_quant(x, 8)
+        args = (xq, sx, qz.pack_bits(q, bits), sw, None, None)
+        kw = dict(bits=bits, in_features=k, out_dtype=torch.float32)
+        assert rel_err(gm.int_gemm(*args, **kw), ref.int_gemm(*args, **kw)) < 1e-6
 
 
 def _truncate(v: torch.Tensor, mantissa_bits: int) -> torch.Tensor:
@@ -271,6 +342,9 @@ SCHEMES = {
     "w8a8-smooth-hadamard": (LayerScheme(), {"rot": True}),
     "fp8": (LayerScheme(weight_format="fp8", act_mode="dynamic_token_fp8"), {}),
     "w4a16": (LayerScheme(weight_bits=4, act_mode=None, act_bits=None), {}),
+    "w4a8-full": (LayerScheme(weight_bits=4, weight_full_range=True), {}),
+    "w4a16-g32-full": (LayerScheme(weight_bits=4, weight_granularity="group", group_size=32, weight_full_range=True,
+                                   act_mode=None, act_bits=None), {}),
 }
 
 

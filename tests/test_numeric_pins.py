@@ -35,6 +35,21 @@ def test_integer_ranges_known_answers(bits, symmetric, expected):
     assert qz.int_range(bits, symmetric) == expected
 
 
+@pytest.mark.parametrize("bits, expected", [(4, (-8, 7)), (3, (-4, 3)), (8, (-128, 127))])
+def test_full_integer_ranges_known_answers(bits, expected):
+    assert qz.int_range(bits, True, full_range=True) == expected
+    assert qz.int_range(bits, False, full_range=True) == (0, 2**bits - 1)  # asymmetric: always all 2^b
+
+
+def test_full_range_scale_known_answer():
+    # max 7, min -16: narrow scale 16/7, full scale max(7/7, 16/8) = 2, and -16 is exactly -8 steps
+    x = torch.tensor([[7.0, -16.0, 1.0, 3.0]])
+    scale, _ = qz.compute_scale(x, 4, full_range=True)
+    assert scale.item() == 2.0
+    assert qz.quantize(x, scale, None, 4, True, True).tolist() == [[4, -8, 0, 2]]  # 3.5 rounds half to even
+    assert qz.compute_scale(x, 4)[0].item() == pytest.approx(16 / 7)
+
+
 def test_quantize_clamps_to_the_symmetric_range():
     x = torch.tensor([[-1000.0, 1000.0, -127.4, 126.6]])
     q = qz.quantize(x, torch.ones(1, 1), None, 8)

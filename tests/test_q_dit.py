@@ -9,6 +9,7 @@ import torch
 
 from ditq import QuantConfig, calibrate, load_quantized, quantize, save_quantized
 from ditq.quant_core.passes.fitness import OutputFidelity, capture_model_inputs
+from ditq.kernels import reference as ref
 from ditq.quant_core.layers import QuantLinear
 from ditq.quant_core.methods.q_dit.method import candidates_for, search_group_sizes
 from ditq.quant_core.passes.evolution import EvolutionSettings
@@ -77,6 +78,24 @@ def test_gptq_uses_each_layers_own_group_size(dit_pipe, dit_setup, fresh):
     with pytest.raises(ValueError, match="below the budget"):
         quantize(fresh(dit_pipe.transformer), QuantConfig(**{**cfg.to_dict(), "options": {
             "group_sizes": {n: 32 for n in names}}}), calib, progress=False)
+
+
+@pytest.mark.parametrize("weight_quantizer", ["gptq", "mse"])
+def test_symmetric_int4_weights_use_the_full_range(weight_quantizer, dit_pipe, dit_setup, fresh):
+    """Q-DiT with symmetric 4-bit weights rounds onto [-8, 7] (format 3) by default: the layers record
+    it and hold -8; ``weight_full_range=False`` keeps [-7, 7]."""
+    calib, _, _ = dit_setup
+    base = {**QuantConfig.preset("q-dit-w4a8").to_dict(), "name": None, "weight_symmetric": True,
+            "exclude": [r"^transformer_blocks\.[1-9]"], "options": {"weight_quantizer": weight_quantizer}}
+    models = {}
+    for full in (None, False):
+        models[full] = fresh(dit_pipe.transformer)
+        quantize(models[full], QuantConfig(**{**base, "weight_full_range": full}), calib, progress=False)
+    for full, model in models.items():
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        values = torch.cat([ref.unpack_weight(m.weight, 4, m.in_features).flatten() for m in layers])
+        assert all(m.scheme.weight_full_range is (full is None) for m in layers)
+        assert values.min() == (-8 if full is None else -7) and values.max() == 7
 
 
 def test_small_search_respects_budget_and_is_stored(dit_pipe, dit_setup, builtin, fresh, tmp_path):

@@ -32,12 +32,12 @@ def hessian(samples: torch.Tensor, name: str = "layer") -> torch.Tensor:
     return x.t() @ x / x.shape[0]
 
 
-def minmax_scale_fn(bits: int, symmetric: bool) -> ScaleFn:
-    return lambda w: qz.compute_scale(w, bits, symmetric=symmetric)
+def minmax_scale_fn(bits: int, symmetric: bool, full_range: bool = False) -> ScaleFn:
+    return lambda w: qz.compute_scale(w, bits, symmetric=symmetric, full_range=full_range)
 
 
-def mse_scale_fn(bits: int, symmetric: bool) -> ScaleFn:
-    return lambda w: qz.mse_clip_scale(w, bits, symmetric=symmetric)
+def mse_scale_fn(bits: int, symmetric: bool, full_range: bool = False) -> ScaleFn:
+    return lambda w: qz.mse_clip_scale(w, bits, symmetric=symmetric, full_range=full_range)
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
@@ -53,13 +53,15 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float, name: str) -> torch.Te
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, *, bits: int, symmetric: bool = True, group_size: int | None = None,
-         damp: float = 0.01, block_size: int = 128, scale_fn: ScaleFn | None = None, name: str = "layer",
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+         damp: float = 0.01, block_size: int = 128, scale_fn: ScaleFn | None = None, full_range: bool = False,
+         name: str = "layer") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize ``w [N, K]`` given the Hessian ``h [K, K]``.
 
     Returns ``(q, scale, zero)`` as :func:`quantizers.quantize_weight` does: integer values ``[N, K]``
     (int8 symmetric / uint8 asymmetric), float32 ``scale`` and ``zero`` (or None) of shape ``[N, G]``.
-    ``scale_fn`` maps weight columns ``[N, c]`` to a per-row ``(scale, zero)`` (min-max by default).
+    ``scale_fn`` maps weight columns ``[N, c]`` to a per-row ``(scale, zero)`` (min-max by default);
+    ``full_range`` rounds symmetric weights onto [-2^(b-1), 2^(b-1) - 1] (the default ``scale_fn`` then
+    takes that range's min-max scale; a given one must be for that range too).
     ``block_size`` only batches the updates: it is rounded up to a multiple of ``group_size`` so every
     group is scaled from fully updated columns.
     """
@@ -67,7 +69,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, *, bits: int, symmetric: bool = True,
     n, k = w.shape
     if h.shape != (k, k):
         raise ValueError(f"{name}: Hessian shape {tuple(h.shape)} does not match weight width {k}")
-    scale_fn = scale_fn or minmax_scale_fn(bits, symmetric)
+    scale_fn = scale_fn or minmax_scale_fn(bits, symmetric, full_range)
     groups = qz.num_groups(k, group_size)
     gs = k // groups
     w = w.double().clone()
@@ -77,7 +79,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, *, bits: int, symmetric: bool = True,
     w[:, dead] = 0.0
     u = _inverse_hessian_factor(h, damp, name)
 
-    qmin, qmax = qz.int_range(bits, symmetric)
+    qmin, qmax = qz.int_range(bits, symmetric, full_range)
     q = torch.empty(n, k, dtype=torch.float64, device=w.device)
     scales = torch.empty(n, groups, dtype=torch.float32, device=w.device)
     zeros = None if symmetric else torch.empty(n, groups, dtype=torch.float32, device=w.device)
@@ -119,10 +121,10 @@ def gptq_weights(linear: nn.Linear, scheme: LayerScheme, samples: torch.Tensor, 
     if clip not in fns:
         raise ValueError(f"layer {name!r}: unknown clip {clip!r}; expected one of {sorted(fns)}")
     group = scheme.group_size if scheme.weight_granularity == "group" else None
+    sym, full = scheme.weight_symmetric, scheme.weight_full_range
     return gptq(linear.weight.detach(), hessian(samples.to(linear.weight.device), name),
-                bits=scheme.weight_bits, symmetric=scheme.weight_symmetric, group_size=group,
-                damp=damp, block_size=block_size,
-                scale_fn=fns[clip](scheme.weight_bits, scheme.weight_symmetric), name=name)
+                bits=scheme.weight_bits, symmetric=sym, group_size=group, damp=damp, block_size=block_size,
+                scale_fn=fns[clip](scheme.weight_bits, sym, full), full_range=full, name=name)
 
 
 def gptq_quantize_linear(linear: nn.Linear, scheme: LayerScheme, samples: torch.Tensor, *, name: str = "",

@@ -101,11 +101,13 @@ class QDiT:
                                     damp=opts["gptq_damp"], block_size=opts["gptq_block_size"])
             w = linear.weight.detach().float()
             if opts["weight_quantizer"] == "mse":
+                full = scheme.weight_full_range
                 scale, zero = mse_clip_scale(w, scheme.weight_bits, symmetric=scheme.weight_symmetric,
-                                             groups=w.shape[1] // genome[name])
-                return qz.quantize(w, scale, zero, scheme.weight_bits, scheme.weight_symmetric), scale, zero
+                                             groups=w.shape[1] // genome[name], full_range=full)
+                return qz.quantize(w, scale, zero, scheme.weight_bits, scheme.weight_symmetric, full), scale, zero
             return qz.quantize_weight(w, scheme.weight_bits, symmetric=scheme.weight_symmetric,
-                                      group_size=scheme.group_size, name=f"{name}.weight")
+                                      group_size=scheme.group_size, full_range=scheme.weight_full_range,
+                                      name=f"{name}.weight")
 
         def cost(name: str) -> int:  # GPTQ walks K columns of N rows and factors a K x K Hessian
             return ctx.layers[name].in_features * (ctx.layers[name].in_features + ctx.layers[name].out_features)
@@ -129,7 +131,8 @@ class SimulatedGroupLinear(nn.Module):
         super().__init__()
         self.scheme = scheme
         self.weight = qz.fake_quantize(linear.weight.detach().float(), scheme.weight_bits,
-                                       symmetric=scheme.weight_symmetric, group_size=scheme.group_size)
+                                       symmetric=scheme.weight_symmetric, group_size=scheme.group_size,
+                                       full_range=scheme.weight_full_range)
         self.bias = None if linear.bias is None else linear.bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

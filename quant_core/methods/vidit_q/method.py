@@ -196,7 +196,8 @@ class _Builder:
             return self.quant_linear(name, linear, scheme, b)(x)
         from ....kernels.reference import transform_input
 
-        w = qz.fake_quantize(b.weight, scheme.weight_bits, symmetric=scheme.weight_symmetric)
+        w = qz.fake_quantize(b.weight, scheme.weight_bits, symmetric=scheme.weight_symmetric,
+                             full_range=scheme.weight_full_range)
         xt = transform_input(x, b.smooth_scale, b.rotation_signs, b.rotation_block)
         if scheme.act_mode is not None:
             xt = qz.fake_quantize(xt, scheme.act_bits)
@@ -281,7 +282,7 @@ class ViDiTQ:
         chosen, planes, gains, costs = {}, {}, {}, {}
         for name, info in ctx.iter_layers("vidit-q plane split"):
             linear = ctx.linear(name)
-            chosen[name], b = builder.choose(name, linear, config.scheme_for(name, info.in_features))
+            chosen[name], b = builder.choose(name, linear, _plane_scheme(config, name, info.in_features, MP_LOW))
             planes[name] = SplitPlaneLinear.from_weight(linear, b.weight, boundaries, [MP_HIGH] * ranges,
                                                         act_bits=config.act_bits, name=name, **b.stored())
             key = cell_key(info)
@@ -337,6 +338,13 @@ def _layer_bits(cells: dict, info: LayerInfo, ranges: int) -> list[int]:
     return bits
 
 
+def _plane_scheme(config: QuantConfig, name: str, in_features: int, bits: int) -> LayerScheme:
+    """The layer's scheme at ``bits`` in the planes' symmetric ranges (the high plane is [-7, 7]: the
+    full int4 range does not apply to the plane format)."""
+    return dataclasses.replace(config.scheme_for(name, in_features), weight_bits=bits, weight_symmetric=True,
+                               weight_full_range=False)
+
+
 def _stored_form(planes: SplitPlaneLinear, linear: nn.Linear, config: QuantConfig, bits: list[int]):
     """The layer the plan needs, from its planes without re-rounding: the high plane as a 4-bit
     QuantLinear (W4 throughout), ``16 * high + low`` as an 8-bit one (W8 throughout), or the planes."""
@@ -348,8 +356,7 @@ def _stored_form(planes: SplitPlaneLinear, linear: nn.Linear, config: QuantConfi
         q, scale = high, planes.view_scale
     else:
         q, scale = (16 * high.to(torch.int16) + low).to(torch.int8), planes.weight_scale
-    scheme = dataclasses.replace(config.scheme_for(planes.layer_name, planes.in_features), weight_bits=bits[0],
-                                 weight_symmetric=True)
+    scheme = _plane_scheme(config, planes.layer_name, planes.in_features, bits[0])
     return QuantLinear.from_quantized(linear, scheme, q, scale, None, name=planes.layer_name,
                                       smooth_scale=planes.smooth_scale, rotation_signs=planes.rotation_signs,
                                       rotation_block=planes.rotation_block)

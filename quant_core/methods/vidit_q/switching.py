@@ -242,7 +242,10 @@ class SplitPlaneLinear(QuantModule):
 
     def check_state(self) -> None:
         """The format's rules, as for QuantLinear: both scales finite and > 0, smoothing scales finite
-        and >= MIN_SMOOTH_SCALE, rotation signs +-1."""
+        and >= MIN_SMOOTH_SCALE, rotation signs +-1; the high plane in [-7, 7] (never -8: it is the
+        W4 view, of the symmetric range)."""
+        _require(not qz.holds_full_range_min(self.weight_high, 4, self.in_features),
+                 "weight_high holds -8, outside the high plane's range [-7, 7]")
         for name in ("weight_scale", "view_scale"):
             t = getattr(self, name)
             _require((torch.isfinite(t) & (t > 0)).all(), f"{name} must be finite and > 0")
