@@ -165,3 +165,16 @@ def test_frechet_distance_closed_form():
     assert frechet_distance(mu1, c1, mu2, 4 * c1) == pytest.approx((mu1 - mu2).pow(2).sum().item() + c1.trace().item())
     d1, d2 = torch.diag(torch.tensor([1.0, 4.0])), torch.diag(torch.tensor([9.0, 1.0]))
     assert frechet_distance(torch.zeros(2), d1, torch.zeros(2), d2) == pytest.approx((1 - 3) ** 2 + (2 - 1) ** 2)
+
+
+@pytest.mark.parametrize("k, block", [(1, 4), (37, 8), (300, 128)])
+def test_inverse_hessian_factor_is_upper_cholesky_of_the_damped_inverse(k, block):
+    from ditq.quant_core.passes.gptq import _inverse_hessian_factor
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(2 * k + 3, k, generator=g, dtype=torch.float64)
+    h = x.t() @ x / x.shape[0]
+    u = _inverse_hessian_factor(h, 0.01, "layer", block=block)
+    damped_inverse = torch.linalg.inv(h + 0.01 * h.diagonal().mean() * torch.eye(k, dtype=torch.float64))
+    assert torch.equal(u, u.triu()) and (u.diagonal() > 0).all()
+    torch.testing.assert_close(u, torch.linalg.cholesky(damped_inverse, upper=True), rtol=1e-10, atol=1e-12)

@@ -40,16 +40,29 @@ def mse_scale_fn(bits: int, symmetric: bool, full_range: bool = False) -> ScaleF
     return lambda w: qz.mse_clip_scale(w, bits, symmetric=symmetric, full_range=full_range)
 
 
-def _inverse_hessian_factor(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``."""
+def _inverse_hessian_factor(h: torch.Tensor, damp: float, name: str, block: int = 512) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U = H^-1``).
+
+    With ``P`` the index reversal and ``P H P = L L^T``: ``H^-1 = (P L^-1 P)^T (P L^-1 P)`` and
+    ``P L^-1 P`` is upper triangular with a positive diagonal, so ``U = P L^-1 P``: one Cholesky and
+    one triangular solve. The usual chol -> cholesky_inverse -> chol does three factorizations, and
+    ``cholesky_inverse`` runs pathologically slowly on multi-threaded CPU BLAS (11 s against 0.3 s
+    here at K = 1152, 81 s against 9.5 s at K = 4608). The solve goes in column blocks (column j of
+    ``L^-1`` is zero above row j) so progress and Cancel are seen between them."""
     k = h.shape[0]
     h = h + damp * h.diagonal().mean() * torch.eye(k, dtype=h.dtype, device=h.device)
     try:
-        chol = torch.linalg.cholesky(h)
-        return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+        lower = torch.linalg.cholesky(h.flip(0, 1))
     except torch.linalg.LinAlgError as e:
         raise ValueError(f"{name}: Hessian not positive definite even with damp={damp}; raise the damping "
                          f"or calibrate on more inputs ({e})") from None
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
+    inverse = torch.zeros_like(h)
+    for j0 in range(0, k, block):
+        report("gptq hessian", j0, k)
+        j1 = min(j0 + block, k)
+        inverse[j0:, j0:j1] = torch.linalg.solve_triangular(lower[j0:, j0:], eye[j0:, j0:j1], upper=False)
+    return inverse.flip(0, 1)
 
 
 def gptq(w: torch.Tensor, h: torch.Tensor, *, bits: int, symmetric: bool = True, group_size: int | None = None,
