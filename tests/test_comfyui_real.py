@@ -173,7 +173,7 @@ def server(tmp_path_factory):
 def latent(server, prefix) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    files = sorted((server.base / "output" / "latents").glob(f"{prefix}_*.latent"))
+    files = sorted((server.base / "output" / "latents").glob(f"{prefix}_[0-9]*_.latent"))  # not {prefix}_lora_...
     assert files, f"no latent saved for {prefix}"
     return load_file(str(files[-1]))["latent_tensor"].float()
 
@@ -319,42 +319,68 @@ def test_module_list_fixture_is_what_this_comfyui_builds():
     assert json.loads(out.stdout) == fixture, "ComfyUI's classes changed: regenerate the fixture and check the tables"
 
 
-def test_every_offered_preset_calibrate_quantize_sample_save_load(server):
+def _node_presets() -> list[str]:
+    """What the nodes should offer: every preset but the searched ones (nodes/types.py)."""
+    from ditq import QuantConfig
+    from ditq.quant_core.calibration import SEARCH
+    from ditq.quant_core.methods import calibration_needs
+
+    return [p for p in QuantConfig.presets() if SEARCH not in calibration_needs(QuantConfig.preset(p))]
+
+
+NODE_PRESETS = _node_presets()
+
+
+def test_nodes_offer_every_preset_but_the_searched(server):
+    assert offered_presets(server) == NODE_PRESETS
+    assert "qua2sedimo-w3.5" not in NODE_PRESETS and {"rtn-w8a8", "vq4dit-w2"} <= set(NODE_PRESETS)
+
+
+@pytest.fixture(scope="module")
+def fp_latent(server):
+    server.run({"1": _unet("tiny_pixart.safetensors"), **COMMON, **_ksampler(["1", 0], "fp4")})
+    return latent(server, "fp4")
+
+
+def quantized_file(server, preset) -> str:
+    """Calibrate -> Quantize -> KSampler -> Save with ``preset`` (once per server); the file's tag."""
+    tag = preset.replace(".", "_")
+    if (server.base / "models" / "ditq" / f"p_{tag}.safetensors").exists():
+        return tag
+    graph = {"1": _unet("tiny_pixart.safetensors"), **COMMON,
+             "c": {"class_type": "DitqCalibrateDiT", "inputs": {
+                 "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+                 "seed": 7, "steps": STEPS, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
+                 "preset": preset, "load_calibration": "(run calibration)", "save_as": ""}},
+             "q": {"class_type": "DitqQuantizeDiT", "inputs": {"model": ["1", 0], "preset": preset,
+                                                               "weight_bits": "preset", "calibration": ["c", 0]}},
+             "s": {"class_type": "DitqSaveQuantizedDiT", "inputs": {"model": ["q", 0], "filename": f"p_{tag}",
+                                                                    "format": "ditq", "overwrite": True}},
+             **_ksampler(["q", 0], f"q_{tag}")}
+    t0 = time.time()
+    server.run(graph, timeout=7200)
+    RESULTS[preset] = {"seconds": time.time() - t0}
+    return tag
+
+
+@pytest.mark.parametrize("preset", NODE_PRESETS)
+def test_offered_preset_calibrate_quantize_sample_save_load(server, fp_latent, preset):
     """Each preset of the Quantize node: Calibrate -> Quantize -> KSampler -> Save, then Load
-    Quantized DiT -> KSampler in a second prompt reproduces the sample exactly."""
-    presets = offered_presets(server)
-    assert "qua2sedimo-w3.5" not in presets and "rtn-w8a8" in presets and "vq4dit-w2" in presets
-    graph = {"1": _unet("tiny_pixart.safetensors"), **COMMON, **_ksampler(["1", 0], "fp4")}
-    server.run(graph)
-    fp = latent(server, "fp4")
-    for preset in presets:
-        tag = preset.replace(".", "_")
-        graph = {"1": _unet("tiny_pixart.safetensors"), **COMMON,
-                 "c": {"class_type": "DitqCalibrateDiT", "inputs": {
-                     "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-                     "seed": 7, "steps": STEPS, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
-                     "preset": preset, "load_calibration": "(run calibration)", "save_as": ""}},
-                 "q": {"class_type": "DitqQuantizeDiT", "inputs": {"model": ["1", 0], "preset": preset,
-                                                                   "weight_bits": "preset", "calibration": ["c", 0]}},
-                 "s": {"class_type": "DitqSaveQuantizedDiT", "inputs": {"model": ["q", 0], "filename": f"p_{tag}",
-                                                                        "format": "ditq", "overwrite": True}},
-                 **_ksampler(["q", 0], f"q_{tag}")}
-        t0 = time.time()
-        server.run(graph, timeout=1200)
-        seconds = time.time() - t0
-        server.run({"l": {"class_type": "DitqLoadQuantizedDiT", "inputs": {"model_name": f"p_{tag}.safetensors"}},
-                    **COMMON, **_ksampler(["l", 0], f"r_{tag}")})
-        q, r = latent(server, f"q_{tag}"), latent(server, f"r_{tag}")
-        assert torch.equal(q, r), f"{preset}: the reloaded model samples differently"
-        size = (server.base / "models" / "ditq" / f"p_{tag}.safetensors").stat().st_size
-        RESULTS[preset] = {"sqnr": sqnr_db(q, fp), "seconds": seconds, "bytes": size}
-        print(f"\n{preset:22s} SQNR vs FP {RESULTS[preset]['sqnr']:6.2f} dB  file {size / 2**20:6.2f} MiB  "
-              f"calibrate+quantize+sample+save {seconds:6.1f} s")
-    floors = {"rtn-w8a8-dynamic": 25, "vidit-q-w8a8": 25, "rtn-fp8": 20, "q-dit-w6a8": 20, "rtn-w4a16": 10}
-    for preset, floor in floors.items():
-        if preset in RESULTS:
-            assert RESULTS[preset]["sqnr"] >= floor, (preset, RESULTS[preset])
-    assert all(v["sqnr"] > 0 for v in RESULTS.values()), RESULTS
+    Quantized DiT -> KSampler in a second prompt reproduces the sample exactly. (vq4dit's full
+    settings take long on a CPU: 600 optimisation steps.)"""
+    tag = quantized_file(server, preset)
+    server.run({"l": {"class_type": "DitqLoadQuantizedDiT", "inputs": {"model_name": f"p_{tag}.safetensors"}},
+                **COMMON, **_ksampler(["l", 0], f"r_{tag}")})
+    q, r = latent(server, f"q_{tag}"), latent(server, f"r_{tag}")
+    assert torch.equal(q, r), f"{preset}: the reloaded model samples differently"
+    db = sqnr_db(q, fp_latent)
+    size = (server.base / "models" / "ditq" / f"p_{tag}.safetensors").stat().st_size
+    print(f"\n{preset:22s} SQNR vs FP {db:6.2f} dB  file {size / 2**20:6.2f} MiB  "
+          f"calibrate+quantize+sample+save {RESULTS.get(preset, {}).get('seconds', float('nan')):6.1f} s")
+    # floors a few dB under the first real run (latent SQNR, tiny PixArt-Sigma layout, 4 steps)
+    floors = {"rtn-w8a8-dynamic": 31, "vidit-q-w8a8": 31, "q-dit-w4a8": 29, "q-dit-w6a8": 33, "rtn-fp8": 21,
+              "vidit-q-w4a8-mp": 21, "vidit-q-w6a6": 20, "rtn-w4a8": 13, "rtn-w4a16": 13, "rtn-w8a8": 7}
+    assert db >= floors.get(preset, 0), (preset, db)
 
 
 class Events:
@@ -500,63 +526,64 @@ LAYER_TYPES = {"int8": "rtn-w8a8-dynamic", "W4A8": "rtn-w4a8", "fp8": "rtn-fp8",
                "timestep switch (MP)": "vidit-q-w4a8-mp"}
 
 
-def test_stock_lora_loader_on_quantized_models(server):
-    """LoraLoaderModelOnly on Load Quantized DiT: the LoRA's effect and the error against FP + LoRA
-    per layer type and strength, two stacked LoRAs, and the model restored exactly without them."""
+LORA_CASES = {"s0.1": [("lora_a.safetensors", 0.1)], "s1.0": [("lora_a.safetensors", 1.0)],
+              "stack": [("lora_a.safetensors", 1.0), ("lora_b.safetensors", -0.5)]}
+
+
+def _with_loras(model_ref, prefix, *chain):
+    graph, ref = {}, model_ref
+    for i, (name, strength) in enumerate(chain):
+        graph[f"{prefix}_L{i}"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": ref, "lora_name": name, "strength_model": strength}}
+        ref = [f"{prefix}_L{i}", 0]
+    return {**graph, **_ksampler(ref, prefix)}
+
+
+@pytest.fixture(scope="module")
+def fp_lora_latents(server, fp_latent):
     from safetensors.torch import save_file
 
-    missing = [p for p in LAYER_TYPES.values() if f"p_{p}.safetensors" not in
-               [f.name for f in (server.base / "models" / "ditq").glob("*.safetensors")]]
-    if missing:
-        pytest.skip(f"runs after test_every_offered_preset_... (files for {missing} missing)")
     loras = server.base / "models" / "loras"
     loras.mkdir(parents=True, exist_ok=True)
     save_file(kohya_lora(20), str(loras / "lora_a.safetensors"))
     save_file(kohya_lora(21), str(loras / "lora_b.safetensors"))
+    graph = {"1": _unet("tiny_pixart.safetensors"), **COMMON}
+    for case, chain in LORA_CASES.items():
+        graph.update(_with_loras(["1", 0], f"fpl_{case}", *chain))
+    server.run(graph)
+    out = {case: latent(server, f"fpl_{case}") for case in LORA_CASES}
+    print("\nFP LoRA effect:", {c: round(rel(out[c], fp_latent), 4) for c in LORA_CASES})
+    return out
 
-    def with_loras(model_ref, prefix, *chain):
-        graph, ref = {}, model_ref
-        for i, (name, strength) in enumerate(chain):
-            graph[f"{prefix}_L{i}"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
-                "model": ref, "lora_name": name, "strength_model": strength}}
-            ref = [f"{prefix}_L{i}", 0]
-        return {**graph, **_ksampler(ref, prefix)}
 
-    cases = {"s0.1": [("lora_a.safetensors", 0.1)], "s1.0": [("lora_a.safetensors", 1.0)],
-             "stack": [("lora_a.safetensors", 1.0), ("lora_b.safetensors", -0.5)]}
-    fp_graph = {"1": _unet("tiny_pixart.safetensors"), **COMMON}
-    for case, chain in cases.items():
-        fp_graph.update(with_loras(["1", 0], f"fpl_{case}", *chain))
-    server.run(fp_graph)
-    fp = latent(server, "fp4")
-    fp_l = {case: latent(server, f"fpl_{case}") for case in cases}
-    rows = []
-    for kind, preset in LAYER_TYPES.items():
-        graph = {"l": {"class_type": "DitqLoadQuantizedDiT", "inputs": {"model_name": f"p_{preset}.safetensors"}},
-                 **COMMON}
-        for case, chain in cases.items():
-            graph.update(with_loras(["l", 0], f"ql_{preset}_{case}", *chain))
-        server.run(graph)
-        # all LoRAs removed: strength 0 returns the model unpatched; sampled after the LoRA prompts
-        server.run({"l": graph["l"], **COMMON,
-                    "z": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["l", 0],
-                                                                         "lora_name": "lora_a.safetensors",
-                                                                         "strength_model": 0.0}},
-                    **_ksampler(["z", 0], f"z_{preset}")})
-        q = latent(server, f"r_{preset}")
-        assert torch.equal(latent(server, f"z_{preset}"), q), f"{kind}: removing the LoRAs does not restore it"
-        row = {"type": kind}
-        for case in cases:
-            q_l = latent(server, f"ql_{preset}_{case}")
-            row[f"effect {case}"] = rel(q_l, q) / rel(fp_l[case], fp)
-            row[f"error {case}"] = rel(q_l, fp_l[case]) / rel(q, fp)
-        rows.append(row)
-    print("\nFP LoRA effect:", {c: round(rel(fp_l[c], fp), 4) for c in cases})
-    for row in rows:
-        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
-    RESULTS["lora"] = rows
-    for row in rows:  # what the branches guarantee everywhere: the LoRA acts as on FP
-        assert 0.8 <= row["effect s1.0"] <= 1.25 and 0.8 <= row["effect stack"] <= 1.25, row
+@pytest.mark.parametrize("kind", list(LAYER_TYPES))
+def test_stock_lora_loader_on_quantized_models(server, fp_latent, fp_lora_latents, kind):
+    """LoraLoaderModelOnly on Load Quantized DiT: the LoRA's effect and the error against FP + LoRA
+    per layer type and strength, two stacked LoRAs, and the model restored exactly without them."""
+    preset = LAYER_TYPES[kind]
+    tag = quantized_file(server, preset)
+    load = {"class_type": "DitqLoadQuantizedDiT", "inputs": {"model_name": f"p_{tag}.safetensors"}}
+    graph = {"l": load, **COMMON, **_ksampler(["l", 0], f"lq_{tag}")}
+    for case, chain in LORA_CASES.items():
+        graph.update(_with_loras(["l", 0], f"ql_{tag}_{case}", *chain))
+    server.run(graph)
+    # all LoRAs removed (strength 0 returns the model unpatched), sampled after the LoRA prompt
+    server.run({"l": load, **COMMON,
+                "z": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["l", 0],
+                                                                     "lora_name": "lora_a.safetensors",
+                                                                     "strength_model": 0.0}},
+                **_ksampler(["z", 0], f"z_{tag}")})
+    q = latent(server, f"lq_{tag}")
+    assert torch.equal(latent(server, f"z_{tag}"), q), f"{kind}: removing the LoRAs does not restore it"
+    row = {}
+    for case in LORA_CASES:
+        q_l, fp_l = latent(server, f"ql_{tag}_{case}"), fp_lora_latents[case]
+        row[f"effect {case}"] = rel(q_l, q) / rel(fp_l, fp_latent)
+        row[f"error {case}"] = rel(q_l, fp_l) / rel(q, fp_latent)
+    print(f"\nLoRA on {kind} ({preset}):", {k: round(v, 3) for k, v in row.items()})
+    RESULTS.setdefault("lora", {})[kind] = row
+    # what the branches guarantee for every layer type: the LoRA acts as on FP
+    assert 0.8 <= row["effect s1.0"] <= 1.25 and 0.8 <= row["effect stack"] <= 1.25, row
 
 
 def tiny_wan_state_dict(seed=0) -> dict:
