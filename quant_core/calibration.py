@@ -444,7 +444,13 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
         else:
             data = CalibrationData({}, torch.zeros(0), meta, None)
         if SEARCH in needs:
-            found = get_method(config.method).search(pipe, config, list(prompts), workdir=workdir, progress=progress)
+            if component != "transformer":
+                raise ValueError(f"calibrate: {config.method}'s configuration search samples the pipeline with "
+                                 f"candidate quantizations of pipe.transformer; it cannot search {component!r}")
+            # the search samples the pipeline as calibration does (a Wan or Flux call, not PixArt's)
+            call = dict(pipe_kwargs, **({} if guidance_scale is None else {"guidance_scale": guidance_scale}))
+            found = get_method(config.method).search(pipe, config, list(prompts), workdir=workdir, progress=progress,
+                                                     call_kwargs=call or None)
             data.meta["search"] = {"method": config.method, **found}
     return data
 
