@@ -445,8 +445,10 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
             data = CalibrationData({}, torch.zeros(0), meta, None)
         if SEARCH in needs:
             if component != "transformer":
-                raise ValueError(f"calibrate: {config.method}'s configuration search samples the pipeline with "
-                                 f"candidate quantizations of pipe.transformer; it cannot search {component!r}")
+                raise ValueError(f"calibrate: {config.method}'s configuration search labels candidate quantizations "
+                                 f"of pipe.transformer only, so it cannot search {component!r}; search on "
+                                 "'transformer' and quantize the other expert with the found configuration: "
+                                 "QuantConfig.preset(name, options={'assignment': calib.meta['search']['assignment']})")
             # the search samples the pipeline as calibration does (a Wan or Flux call, not PixArt's)
             call = dict(pipe_kwargs, **({} if guidance_scale is None else {"guidance_scale": guidance_scale}))
             found = get_method(config.method).search(pipe, config, list(prompts), workdir=workdir, progress=progress,

@@ -205,3 +205,47 @@ def test_quantized_pipeline_quantizes_both_wan22_experts(tmp_path, monkeypatch):
         assert all(torch.equal(got[k], ref[k]) for k in ref), c
     got = _latents(back, "wan")  # the reloaded text encoder differs in the last float bits
     assert ((got - want).norm() / want.norm()).item() < 1e-3
+
+
+def test_qua2sedimo_search_refuses_the_second_expert_and_says_how():
+    """Qua²SeDiMo's search labels candidate quantizations of ``pipe.transformer``; asked to search Wan
+    2.2's ``transformer_2`` it stops before sampling and names the workaround (the experts share layer
+    names, so the high-noise expert's assignment applies to the low-noise one)."""
+    import diffusers
+
+    from ditq.evaluation.architectures import tiny_transformer
+
+    base = tiny_pipeline("wan")
+    pipe = diffusers.WanPipeline(**dict(base.components, transformer_2=tiny_transformer("wan", seed=1)),
+                                 boundary_ratio=0.5)
+    config = QuantConfig.preset("qua2sedimo-w3.5", small=True)
+    with pytest.raises(ValueError, match=r"cannot search 'transformer_2'.*options=\{'assignment'"):
+        calibrate(pipe, PROMPTS[:1], config=config, component="transformer_2", progress=False, **PIPELINE_CALLS["wan"])
+    assert set(select_layers(pipe.transformer)) == set(select_layers(pipe.transformer_2))
+
+
+# Each method on a video and an MMDiT pipeline at CI cost (slow presets at their small settings,
+# Qua²SeDiMo's search smaller still); bench/video_quality.py --architectures runs every preset on all
+# six. Bounds: latents rel. error vs FP (measured x ~2) and block-Linear bytes vs fp16.
+METHOD_CASES = {
+    ("latte", "vidit-q-w4a8-mp"): (0.05, 0.32),
+    ("wan", "q-dit-w4a8"): (0.05, 0.29),
+    ("cogvideox", "vq4dit-w3"): (0.05, 0.2),
+    ("sd3", "qua2sedimo-w3.5"): (0.15, 0.23),
+}
+TINY_SEARCH = dict(num_configs=4, folds=2, epochs=5, hidden=8, gnn_layers=2, methods=["uaq"], label_steps=1)
+
+
+@pytest.mark.parametrize("family,preset", list(METHOD_CASES))
+def test_method_runs_on_pipeline(family, preset):
+    pipe = tiny_pipeline(family)
+    model = pipe.transformer
+    config = QuantConfig.preset(preset, small=preset not in QuantConfig.presets(quick_only=True),
+                                options=TINY_SEARCH if preset.startswith("qua2sedimo") else None)
+    calib = calibrate(pipe, PROMPTS, num_inference_steps=STEPS, config=config, progress=False, **PIPELINE_CALLS[family])
+    fp = _latents(pipe, family)
+    pipe.transformer = copy.deepcopy(model)
+    report = quantize(pipe.transformer, config, calib, progress=False)
+    rel = ((_latents(pipe, family) - fp).norm() / fp.norm()).item()
+    max_rel, max_ratio = METHOD_CASES[family, preset]
+    assert 0 < rel < max_rel and report.ratio < max_ratio, (rel, report.ratio)
