@@ -205,6 +205,14 @@ def test_quantized_pipeline_quantizes_both_wan22_experts(tmp_path, monkeypatch):
         assert all(torch.equal(got[k], ref[k]) for k in ref), c
     got = _latents(back, "wan")  # the reloaded text encoder differs in the last float bits
     assert ((got - want).norm() / want.norm()).item() < 1e-3
+    # transformer-only repo: both experts, the rest from the full-precision repo the pointer names
+    pipe.save_pretrained(tmp_path / "t", transformer_only=True, base_model=str(tmp_path / "fp"))
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["README.md", "ditq_base_model.json",
+                                                                  "transformer", "transformer_2"]
+    slim = QuantizedPipeline.from_pretrained(tmp_path / "t")
+    for c in ("transformer", "transformer_2"):
+        ref, got = getattr(pipe, c).state_dict(), getattr(slim, c).state_dict()
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref), c
 
 
 def test_qua2sedimo_search_refuses_the_second_expert_and_says_how():
