@@ -378,7 +378,8 @@ class QuantizedPipeline(QuantizedPipelineMixin):
     """Any diffusers text-to-image or text-to-video pipeline whose transformer has a ditq layer policy
     (Wan, Flux, SD3, Latte, CogVideoX, HunyuanDiT, PixArt ...): ``from_pretrained`` follows the stock
     pipeline class the repo names and returns its quantized twin (``QuantizedFluxPipeline`` is a
-    ``FluxPipeline``). Call it with the pipeline's own arguments; ``calibration_kwargs`` too.
+    ``FluxPipeline``). Call it with the pipeline's own arguments; ``calibration_kwargs`` too. A Wan
+    2.2 A14B repo has both experts (``transformer``, ``transformer_2``) quantized, saved and loaded.
 
     >>> pipe = QuantizedPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
     ...     quantization_config="vidit-q-w8a8", calibration_prompts=prompts,
