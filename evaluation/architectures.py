@@ -250,7 +250,8 @@ def tiny_pipeline(family: str, seed: int = 0):
     elif family == "wan":
         torch.manual_seed(seed)
         vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                         temperal_downsample=[False, True, True]).eval()
+                                         temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                         latents_std=[1.0] * 4).eval()  # one per latent channel, for decoding
         pipe = diffusers.WanPipeline(tokenizer=_byte_tokenizer(512), text_encoder=_t5(32, seed), vae=vae,
                                      scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
                                      transformer=tiny_transformer("wan", seed))
