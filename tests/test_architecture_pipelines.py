@@ -240,6 +240,7 @@ METHOD_CASES = {
     ("wan", "q-dit-w4a8"): (0.05, 0.29),
     ("cogvideox", "vq4dit-w3"): (0.05, 0.2),
     ("sd3", "qua2sedimo-w3.5"): (0.15, 0.23),
+    ("wan", "qua2sedimo-w3.5"): (0.15, 0.23),  # its labels sample decoded videos
 }
 TINY_SEARCH = dict(num_configs=4, folds=2, epochs=5, hidden=8, gnn_layers=2, methods=["uaq"], label_steps=1)
 
