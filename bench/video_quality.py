@@ -6,12 +6,16 @@ and compare the decoded frames with the full-precision video: per-frame PSNR (me
 and SSIM, a temporal-consistency proxy (relative error of the frame-to-frame differences, 0 = the
 motion of the FP video exactly), block-Linear bytes vs fp16, quantize seconds.
 
-Architectures: each tiny transformer of evaluation/architectures.py is calibrated on two seeded
-input batches (its pipeline's call signature, no text encoder), quantized per preset and run on a
-third: relative L2 error of the prediction vs full precision, bytes, quantize seconds.
+Architectures: each tiny pipeline of evaluation/architectures.py (Latte, CogVideoX, Wan, HunyuanDiT,
+Flux, SD3 around the real diffusers classes) is calibrated through ``calibrate(pipe, prompts,
+config=cfg)`` per preset (the search of Qua²SeDiMo included), a copy of its transformer quantized,
+and a held-out prompt sampled: relative L2 error of the final latents vs full precision, block-Linear
+bytes vs fp16, calibrate (+ search) and quantize seconds. Slow presets run at their small settings.
+A preset that cannot apply to an architecture gets its error message as the row.
 
     PYTHONPATH=<folder holding ditq> python3 bench/video_quality.py [--steps 10] [--out bench/results/video_quality.md]
     ... --models latte-stress --presets rtn-w8a8 vidit-q-w8a8 --architectures   (video rows only)
+    ... --models --architectures flux sd3 --arch-presets vq4dit-w3 qua2sedimo-w3.5   (architecture rows only)
 """
 from __future__ import annotations
 
@@ -24,7 +28,9 @@ import torch
 
 VIDEO_PRESETS = ("rtn-w8a8", "rtn-w8a8-dynamic", "vidit-q-w8a8", "vidit-q-w6a6", "rtn-w4a8", "vidit-q-w4a8-mp",
                  "q-dit-w4a8")
-ARCH_PRESETS = ("rtn-w8a8", "vidit-q-w8a8", "rtn-w4a8", "q-dit-w4a8")
+ARCH_PRESETS = ("rtn-w8a8", "vidit-q-w8a8", "rtn-w4a8", "vidit-q-w4a8-mp", "q-dit-w4a8", "vq4dit-w3",
+                "qua2sedimo-w3.5")
+ARCH_STEPS = 4  # denoising steps of the architecture rows (calibration and the held-out sample)
 PROMPTS = ["a red fox running in snow", "waves breaking on a beach"]
 
 
@@ -63,43 +69,57 @@ def evaluate_video(pipe, presets, steps):
 
 
 def evaluate_architecture(family, presets):
-    from ditq import QuantConfig, quantize
-    from ditq.quant_core.methods import calibration_needs
-    from ditq.evaluation.architectures import example_inputs, forward, tiny_transformer
-    from ditq.quant_core.calibration import CalibrationRecorder
+    """Per preset: calibrate the tiny ``family`` pipeline on PROMPTS, quantize a copy of its
+    transformer, and compare the final latents of a held-out prompt with full precision."""
+    from ditq import QuantConfig, calibrate, quantize
+    from ditq.evaluation.architectures import PIPELINE_CALLS, tiny_pipeline
     from ditq.quant_core.metrics import rel_l2
-    from ditq.quant_core.models import select_layers
 
-    model = tiny_transformer(family)
-    configs = {p: QuantConfig.preset(p) for p in presets}
-    rec = CalibrationRecorder(model, list(select_layers(model)), calibration_needs(*configs.values()))
-    with rec, torch.no_grad():
-        for seed in (1, 2):
-            rec.new_run()
-            forward(model, example_inputs(family, seed))
-    calib = rec.result()
-    inputs = example_inputs(family, seed=3)
-    ref = forward(model, inputs)
-    for name, config in configs.items():
-        q = copy.deepcopy(model)
-        t0 = time.time()
-        report = quantize(q, config, calib, progress=False)
-        yield name, dict(error=rel_l2(ref, forward(q, inputs)), ratio=report.ratio, seconds=time.time() - t0)
+    pipe = tiny_pipeline(family)
+    call = dict(PIPELINE_CALLS[family], num_inference_steps=ARCH_STEPS)
+    fp = pipe.transformer
+
+    def latents():
+        return pipe("a lighthouse in a storm", generator=torch.Generator().manual_seed(5), output_type="latent",
+                    **call)[0].float()
+
+    ref = latents()
+    for name in presets:
+        config = QuantConfig.preset(name, small=name in QuantConfig.presets() and
+                                    name not in QuantConfig.presets(quick_only=True))
+        try:
+            t0 = time.time()
+            calib = calibrate(pipe, PROMPTS, config=config, progress=False, **call)
+            t1 = time.time()
+            q = copy.deepcopy(fp)
+            report = quantize(q, config, calib, progress=False)
+            t2 = time.time()
+        except (ValueError, NotImplementedError) as e:
+            yield name, dict(error=str(e).splitlines()[0])
+            continue
+        pipe.transformer = q
+        try:
+            yield name, dict(rel=rel_l2(ref, latents()), ratio=report.ratio, calib_s=t1 - t0, quant_s=t2 - t1)
+        finally:
+            pipe.transformer = fp
 
 
 def main(argv=None):
     from ditq.evaluation import builtin
-    from ditq.evaluation.architectures import TINY_CONFIGS
+    from ditq.evaluation.architectures import PIPELINE_CALLS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--presets", nargs="+", default=list(VIDEO_PRESETS))
     ap.add_argument("--arch-presets", nargs="+", default=list(ARCH_PRESETS))
     ap.add_argument("--models", nargs="*", default=["latte-stress", "latte"], choices=["latte-stress", "latte"])
-    ap.add_argument("--architectures", nargs="*", default=list(TINY_CONFIGS), choices=list(TINY_CONFIGS))
+    ap.add_argument("--architectures", nargs="*", default=list(PIPELINE_CALLS), choices=list(PIPELINE_CALLS))
     ap.add_argument("--out", type=Path, help="also write the tables (markdown) here")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # the tiny text encoders truncate every prompt, and say so
     makers = {"latte": builtin.tiny_latte_pipeline, "latte-stress": builtin.stress_latte_pipeline}
     lines = []
     if args.models:
@@ -114,13 +134,17 @@ def main(argv=None):
                          f"{m['temporal']:.4f} | {m['ratio']:.3f} | {m['seconds']:.1f} |")
             print(lines[-1], flush=True)
     if args.architectures:
-        lines += ["", "Tiny transformers (width 128), prediction on a fresh seeded batch vs FP; calibration on "
-                  "two other batches", "", "| architecture | preset | rel. L2 error | block-Linear bytes / fp16 | "
-                  "quantize s |", "|---|---|---|---|---|"]
+        lines += ["", f"Tiny pipelines (transformers of width 128), {ARCH_STEPS} steps; calibration on "
+                  f"{len(PROMPTS)} prompts through calibrate(pipe, prompts, config=cfg); final latents of a "
+                  "held-out prompt vs FP; slow presets at small=True", "",
+                  "| architecture | preset | latents rel. L2 error | block-Linear bytes / fp16 | calibrate s | "
+                  "quantize s |", "|---|---|---|---|---|---|"]
         print("\n".join(lines[-5:]), flush=True)
     for family in args.architectures:
         for name, m in evaluate_architecture(family, args.arch_presets):
-            lines.append(f"| {family} | {name} | {m['error']:.4f} | {m['ratio']:.3f} | {m['seconds']:.2f} |")
+            lines.append(f"| {family} | {name} | not applicable: {m['error']} | | | |" if "error" in m else
+                         f"| {family} | {name} | {m['rel']:.4f} | {m['ratio']:.3f} | {m['calib_s']:.2f} | "
+                         f"{m['quant_s']:.2f} |")
             print(lines[-1], flush=True)
     if args.out:
         from ditq.quant_core.serialization import atomic_write_text

@@ -77,8 +77,9 @@ HUB_CONFIGS["Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"] = ("WanTransformer3DModel", 
 FRAMES, SIDE, TEXT_LEN = 3, 8, 8
 
 
-def tiny_transformer(family: str, seed: int = 0):
-    """The family's diffusers transformer from its tiny config, seeded, in eval mode."""
+def tiny_transformer(family: str, seed: int = 0, **overrides):
+    """The family's diffusers transformer from its tiny config (fields in ``overrides`` replaced),
+    seeded, in eval mode."""
     import diffusers
 
     try:
@@ -86,7 +87,7 @@ def tiny_transformer(family: str, seed: int = 0):
     except KeyError:
         raise ValueError(f"unknown architecture {family!r}; known: {sorted(TINY_CONFIGS)}") from None
     torch.manual_seed(seed)
-    return getattr(diffusers, class_name)(**config).eval()
+    return getattr(diffusers, class_name)(**{**config, **overrides}).eval()
 
 
 def hub_skeleton(repo: str):
@@ -162,7 +163,10 @@ def forward(model, inputs: dict) -> torch.Tensor:
 # VAEs are tiny; calibration runs the pipelines' own denoising loops (CFG, Flux's distilled guidance,
 # MMDiT joint tokens, video frames) up to the latents.
 PIPELINE_CALLS = {
+    "latte": dict(height=16, width=16, video_length=FRAMES, guidance_scale=4.5, clean_caption=False),
+    "cogvideox": dict(height=16, width=16, num_frames=9, guidance_scale=6.0, max_sequence_length=TEXT_LEN),
     "wan": dict(height=64, width=64, num_frames=5, guidance_scale=5.0, max_sequence_length=TEXT_LEN),
+    "hunyuandit": dict(height=64, width=64, guidance_scale=5.0, use_resolution_binning=False),
     "flux": dict(height=16, width=16, guidance_scale=3.5, max_sequence_length=TEXT_LEN),
     "sd3": dict(height=16, width=16, guidance_scale=5.0, max_sequence_length=TEXT_LEN),
 }
@@ -193,24 +197,61 @@ def _clip(hidden: int, seed: int, projection: int | None = None):
     return (CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)).eval()
 
 
-def _image_vae(seed: int):
+def _bert(hidden: int, seed: int):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(vocab_size=384, hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                pad_token_id=0), add_pooling_layer=False).eval()
+
+
+def _image_vae(seed: int, levels: int = 2):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32,
+    return AutoencoderKL(block_out_channels=(32,) * levels, down_block_types=("DownEncoderBlock2D",) * levels,
+                         up_block_types=("UpDecoderBlock2D",) * levels, latent_channels=4, norm_num_groups=32,
                          sample_size=32, shift_factor=0.0).eval()  # Flux and SD3 decode with a shift
 
 
+def _cogvideox_vae(seed: int):
+    from diffusers import AutoencoderKLCogVideoX
+
+    torch.manual_seed(seed)
+    return AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 2,
+                                  up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(8, 8),
+                                  latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                  temporal_compression_ratio=4).eval()
+
+
 def tiny_pipeline(family: str, seed: int = 0):
-    """``WanPipeline`` / ``FluxPipeline`` / ``StableDiffusion3Pipeline`` around ``tiny_transformer(family)``;
-    call it with ``PIPELINE_CALLS[family]``."""
+    """The family's diffusers pipeline (``LattePipeline``, ``CogVideoXPipeline``, ``WanPipeline``,
+    ``HunyuanDiTPipeline``, ``FluxPipeline``, ``StableDiffusion3Pipeline``) around
+    ``tiny_transformer(family)``; call it with ``PIPELINE_CALLS[family]``."""
     import diffusers
 
-    if family == "wan":
+    if family == "latte":  # Latte encodes 120 T5 tokens and keeps those the mask covers
+        pipe = diffusers.LattePipeline(tokenizer=_byte_tokenizer(120), text_encoder=_t5(32, seed),
+                                       vae=_image_vae(seed), transformer=tiny_transformer("latte", seed),
+                                       scheduler=diffusers.DPMSolverMultistepScheduler())
+    elif family == "cogvideox":  # 9 frames -> 3 latent frames (the VAE's 4x temporal compression)
+        pipe = diffusers.CogVideoXPipeline(tokenizer=_byte_tokenizer(226), text_encoder=_t5(32, seed),
+                                           vae=_cogvideox_vae(seed), transformer=tiny_transformer("cogvideox", seed),
+                                           scheduler=diffusers.CogVideoXDDIMScheduler(timestep_spacing="trailing"))
+    elif family == "hunyuandit":
+        # the pipeline pads CLIP-side (BERT) text to 77 and T5 text to 256 tokens, and places RoPE on
+        # a grid of height / 8: the transformer's text lengths and an 8x VAE follow
+        pipe = diffusers.HunyuanDiTPipeline(
+            vae=_image_vae(seed, levels=4), text_encoder=_bert(128, seed), tokenizer=_byte_tokenizer(77),
+            transformer=tiny_transformer("hunyuandit", seed, text_len=77, text_len_t5=256),
+            scheduler=diffusers.DDPMScheduler(), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, text_encoder_2=_t5(32, seed + 1), tokenizer_2=_byte_tokenizer(256))
+    elif family == "wan":
         torch.manual_seed(seed)
         vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                         temperal_downsample=[False, True, True]).eval()
+                                         temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                         latents_std=[1.0] * 4).eval()  # one per latent channel, for decoding
         pipe = diffusers.WanPipeline(tokenizer=_byte_tokenizer(512), text_encoder=_t5(32, seed), vae=vae,
                                      scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
                                      transformer=tiny_transformer("wan", seed))

@@ -31,6 +31,9 @@ from . import model_card
 from .quantizer import DitqConfig, attach_quantizer, is_ditq_model, register
 
 POINTER_NAME = "ditq_base_model.json"
+# The denoisers a pipeline may hold; Wan 2.2 A14B runs ``transformer`` at high noise and its
+# low-noise expert ``transformer_2`` below the boundary, and both are quantized.
+DENOISERS = ("transformer", "transformer_2")
 POINTER_VERSION = 1
 _HUB_KEYS = ("revision", "cache_dir", "local_files_only", "token")
 
@@ -131,7 +134,9 @@ class QuantizedPipelineMixin:
         try:
             if index is not None:
                 target = cls._variant(index.get("_class_name"), source)
-                _check_transformer_first(source, "transformer", hub)
+                for component in DENOISERS:
+                    if (index.get(component) or [None])[0]:  # Wan 2.2 TI2V lists transformer_2 as [null, null]
+                        _check_transformer_first(source, component, hub)
                 pipe = DiffusionPipeline.from_pretrained.__func__(target, source, **kwargs)
             else:
                 target = cls._variant(pointer.get("pipeline_class"), source)
@@ -176,11 +181,15 @@ class QuantizedPipelineMixin:
         import diffusers
 
         model_kwargs = {k: kwargs[k] for k in ("torch_dtype", "dtype", *_HUB_KEYS) if k in kwargs}
-        _check_transformer_first(source, pointer.get("transformer", "transformer"),
-                                 {k: kwargs.get(k) for k in _HUB_KEYS})
-        transformer = getattr(diffusers, cls.transformer_class).from_pretrained(
-            source, subfolder=pointer.get("transformer", "transformer"), **model_kwargs)
-        base_kwargs = {**kwargs, "transformer": transformer, "revision": pointer.get("base_revision")}
+        quantized = {}
+        for component in DENOISERS:
+            subfolder = pointer.get(component, "transformer" if component == "transformer" else None)
+            if subfolder is None:
+                continue
+            _check_transformer_first(source, subfolder, {k: kwargs.get(k) for k in _HUB_KEYS})
+            quantized[component] = getattr(diffusers, cls.transformer_class).from_pretrained(
+                source, subfolder=subfolder, **model_kwargs)
+        base_kwargs = {**kwargs, **quantized, "revision": pointer.get("base_revision")}
         return DiffusionPipeline.from_pretrained.__func__(cls, pointer["base_model"], **base_kwargs)
 
     # -- quantizing ----------------------------------------------------------------------------
@@ -199,7 +208,9 @@ class QuantizedPipelineMixin:
         """Calibrate (if the method needs statistics or a search) and quantize the transformer in place;
         measure fidelity to full precision on the first ``fidelity_prompts`` prompts. ``call_kwargs``
         go to the pipeline calls, except ``workdir`` (the search's resumable work files, see
-        ``ditq.calibrate``). Returns the QuantReport."""
+        ``ditq.calibrate``). A pipeline with two experts (Wan 2.2 A14B's ``transformer_2``) has both
+        calibrated, each on its own steps, and quantized; ``self.ditq_reports`` holds one QuantReport
+        per expert. Returns the transformer's QuantReport."""
         from ..quant_core.calibration import calibrate
         from ..quant_core.config import QuantConfig
         from ..quant_core.methods import calibration_needs
@@ -210,7 +221,8 @@ class QuantizedPipelineMixin:
             config = QuantConfig.preset(config)
         elif not isinstance(config, QuantConfig):
             raise TypeError(f"quantization_config must be a ditq QuantConfig or preset name, got {type(config).__name__}")
-        if is_ditq_model(self.transformer):
+        denoisers = self.denoisers()
+        if any(is_ditq_model(getattr(self, c)) for c in denoisers):
             raise ValueError("the transformer is already quantized; load the full-precision repo to quantize again")
         prompts = list(prompts or [])
         needs = calibration_needs(config)
@@ -218,20 +230,30 @@ class QuantizedPipelineMixin:
             raise ValueError(f"{config.name or config.method} needs calibration {list(needs)}: "
                              "pass calibration_prompts=[...]")
         workdir = call_kwargs.pop("workdir", None)
-        calib = (calibrate(self, prompts, seed=seed, config=config, progress=progress, workdir=workdir, **call_kwargs)
-                 if needs else None)
+        # each expert is calibrated on the steps it denoises (its own sampling run); a second expert's
+        # search work files go to a subfolder of workdir
+        calib = {c: calibrate(self, prompts, seed=seed, config=config, progress=progress, component=c,
+                              workdir=workdir if c == "transformer" or workdir is None else Path(workdir) / c,
+                              **call_kwargs) if needs else None
+                 for c in denoisers}
         probe = prompts[:fidelity_prompts]
         reference = self._sample(probe, seed, call_kwargs) if probe else None
-        report = quantize(self.transformer, config, calib, progress=progress)
+        self.ditq_reports = {c: quantize(getattr(self, c), config, calib[c], progress=progress) for c in denoisers}
         fidelity = None
         if probe:
             approx = self._sample(probe, seed, call_kwargs)
             simple = {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))}
             fidelity = {"psnr_db": round(psnr(reference, approx), 2), "ssim": round(ssim(reference, approx), 4),
                         "prompts": [str(p) for p in probe], "seed": seed, "call_kwargs": simple}
-        attach_quantizer(self.transformer, base_model=base_model, base_revision=base_revision, fidelity=fidelity)
-        self.ditq_report = report
-        return report
+        for c in denoisers:
+            attach_quantizer(getattr(self, c), base_model=base_model, base_revision=base_revision, fidelity=fidelity)
+        self.ditq_report = self.ditq_reports["transformer"]
+        return self.ditq_report
+
+    def denoisers(self) -> list[str]:
+        """The pipeline's transformers that ditq quantizes: ``transformer``, and Wan 2.2 A14B's
+        low-noise expert ``transformer_2`` where the pipeline has one."""
+        return [c for c in DENOISERS if isinstance(getattr(self, c, None), torch.nn.Module)]
 
     def to(self, *args, **kwargs):
         """diffusers refuses to cast a quantized model to another dtype, but only when it reaches the
@@ -256,8 +278,10 @@ class QuantizedPipelineMixin:
 
     def ditq_config(self) -> DitqConfig:
         cfg = getattr(self.transformer.config, "quantization_config", None)
-        if not isinstance(cfg, DitqConfig) or not is_ditq_model(self.transformer):
-            raise ValueError("this pipeline's transformer is not ditq-quantized; call .quantize(...) first")
+        plain = [c for c in self.denoisers() if not is_ditq_model(getattr(self, c))]
+        if not isinstance(cfg, DitqConfig) or plain:
+            raise ValueError(f"this pipeline's {' and '.join(plain) or 'transformer'} is not ditq-quantized; "
+                             "call .quantize(...) first")
         return cfg
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
@@ -278,11 +302,12 @@ class QuantizedPipelineMixin:
             if (folder / "model_index.json").exists():
                 raise ValueError(f"{folder} holds a full pipeline (model_index.json); save a transformer-only "
                                  "repo to an empty folder")
-            self.transformer.save_pretrained(folder / "transformer", variant=variant,
-                                             **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+            for c in self.denoisers():
+                getattr(self, c).save_pretrained(folder / c, variant=variant,
+                                                 **({"max_shard_size": max_shard_size} if max_shard_size else {}))
             pointer = {"format_version": POINTER_VERSION, "base_model": base_model,
                        "base_revision": cfg.get("base_revision") if base_model == cfg.get("base_model") else None,
-                       "pipeline_class": self.stock_class().__name__, "transformer": "transformer"}
+                       "pipeline_class": self.stock_class().__name__, **{c: c for c in self.denoisers()}}
             atomic_write_text(json.dumps(pointer, indent=2) + "\n", folder / POINTER_NAME)
         else:
             super().save_pretrained(folder, variant=variant, max_shard_size=max_shard_size)
@@ -353,7 +378,8 @@ class QuantizedPipeline(QuantizedPipelineMixin):
     """Any diffusers text-to-image or text-to-video pipeline whose transformer has a ditq layer policy
     (Wan, Flux, SD3, Latte, CogVideoX, HunyuanDiT, PixArt ...): ``from_pretrained`` follows the stock
     pipeline class the repo names and returns its quantized twin (``QuantizedFluxPipeline`` is a
-    ``FluxPipeline``). Call it with the pipeline's own arguments; ``calibration_kwargs`` too.
+    ``FluxPipeline``). Call it with the pipeline's own arguments; ``calibration_kwargs`` too. A Wan
+    2.2 A14B repo has both experts (``transformer``, ``transformer_2``) quantized, saved and loaded.
 
     >>> pipe = QuantizedPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
     ...     quantization_config="vidit-q-w8a8", calibration_prompts=prompts,

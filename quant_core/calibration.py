@@ -119,7 +119,8 @@ class ModelInputs:
     (VQ4DiT's zero-data calibration feeds the teacher's ``x_t`` to the student at every step).
 
     A call is a dict of argument name -> tensor name (or ``{"value": v}`` for JSON values and lists of
-    them; nested dicts such as ``added_cond_kwargs`` keep their structure; ``**kwargs`` are recorded as
+    them; nested dicts such as ``added_cond_kwargs`` and tuples or lists holding tensors, such as
+    HunyuanDiT's rotary ``(cos, sin)``, keep their structure; ``**kwargs`` are recorded as
     the keywords they are). A tensor equal to the one the previous call passed under the same name is
     stored once, so prompt embeddings cost one copy per run, not per step. Arguments named in ``skip``
     are not recorded (a driver's per-call bookkeeping, e.g. ComfyUI's ``transformer_options``).
@@ -147,6 +148,8 @@ class ModelInputs:
                 isinstance(value, (list, tuple)) and all(v is None or isinstance(v, (bool, int, float, str))
                                                          for v in value)):
             return {"value": list(value) if isinstance(value, tuple) else value}
+        if isinstance(value, (list, tuple)):  # e.g. HunyuanDiT's image_rotary_emb = (cos, sin)
+            return {type(value).__name__: [self._encode(f"{key}.{i}", v) for i, v in enumerate(value)]}
         raise TypeError(f"calibration: cannot record model argument {key!r} of type {type(value).__name__}")
 
     def update(self, args: tuple, kwargs: dict) -> None:
@@ -183,6 +186,10 @@ def decode_model_call(call: dict, tensors: dict[str, torch.Tensor], device=None)
             return tensors[entry["tensor"]].to(device) if device is not None else tensors[entry["tensor"]]
         if "dict" in entry:
             return {k: decode(v) for k, v in entry["dict"].items()}
+        if "tuple" in entry:
+            return tuple(decode(v) for v in entry["tuple"])
+        if "list" in entry:
+            return [decode(v) for v in entry["list"]]
         return entry["value"]
 
     return {k: decode(v) for k, v in call.items()}
@@ -281,10 +288,17 @@ _INPUTS = "__model_inputs__"
 
 def _tensor_entries(call: dict):
     for entry in call.values():
-        if "tensor" in entry:
-            yield entry
-        elif "dict" in entry:
-            yield from _tensor_entries(entry["dict"])
+        yield from _tensors_in(entry)
+
+
+def _tensors_in(entry: dict):
+    if "tensor" in entry:
+        yield entry
+    elif "dict" in entry:
+        yield from _tensor_entries(entry["dict"])
+    else:
+        for item in entry.get("tuple", entry.get("list", ())):
+            yield from _tensors_in(item)
 
 
 def call_timestep(args, kwargs) -> float | None:
@@ -444,7 +458,15 @@ def calibrate(pipe, prompts: Sequence, num_inference_steps: int = 20, seed: int 
         else:
             data = CalibrationData({}, torch.zeros(0), meta, None)
         if SEARCH in needs:
-            found = get_method(config.method).search(pipe, config, list(prompts), workdir=workdir, progress=progress)
+            if component != "transformer":
+                raise ValueError(f"calibrate: {config.method}'s configuration search labels candidate quantizations "
+                                 f"of pipe.transformer only, so it cannot search {component!r}; search on "
+                                 "'transformer' and quantize the other expert with the found configuration: "
+                                 "QuantConfig.preset(name, options={'assignment': calib.meta['search']['assignment']})")
+            # the search samples the pipeline as calibration does (a Wan or Flux call, not PixArt's)
+            call = dict(pipe_kwargs, **({} if guidance_scale is None else {"guidance_scale": guidance_scale}))
+            found = get_method(config.method).search(pipe, config, list(prompts), workdir=workdir, progress=progress,
+                                                     call_kwargs=call or None)
             data.meta["search"] = {"method": config.method, **found}
     return data
 

@@ -165,6 +165,12 @@ _GENERIC_ROLES = ((r"(cross|attn2)", "cross_attn"), (r"(attn|qkv|to_q|to_k|to_v|
                   (r"(mlp|ff|fc)", "ffn"))
 
 
+# Modules that read their Linears' ``.weight`` instead of calling them (HunyuanDiT's attention pool
+# hands q/k/v/c_proj weights to F.multi_head_attention_forward): a quantized layer has no weight, so
+# their Linears are never selected, not even by ``include=[".*"]``.
+_WEIGHT_READERS = ("HunyuanDiTAttentionPool", "MultiheadAttention")
+
+
 def policy_for(model: nn.Module) -> LayerPolicy | None:
     """The known policy for ``model``'s class or its nearest known base class (None: use the
     generic rule)."""
@@ -218,9 +224,10 @@ def select_layers(model: nn.Module, config: QuantConfig | None = None) -> dict[s
                          f"ditq.quant_core.models.POLICIES with a role, or {FP!r} to keep them in full precision")
     blocks = {name: i for i, (name, _) in enumerate(block_modules(model))}
     keep_fp32 = getattr(model, "_keep_in_fp32_modules", None) or ()  # diffusers' rule: never quantized
+    kinds = {name: type(mod).__name__ for name, mod in model.named_modules()}
     chosen: dict[str, LayerInfo] = {}
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear):
+        if not isinstance(mod, nn.Linear) or kinds[name.rpartition(".")[0]] in _WEIGHT_READERS:
             continue
         if any(m in name.split(".") for m in keep_fp32):
             continue

@@ -19,8 +19,8 @@ def takes_prompts(pipe) -> bool:
 
 
 def sample(pipe, condition, seed: int, call: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final latents (as handed to the VAE) and images ``[1, 3, H, W]`` in [0, 1] for one prompt
-    (text pipelines) or class label (``DiTPipeline``), one seed."""
+    """Final latents (as handed to the VAE) and images ``[N, 3, H, W]`` in [0, 1] (one image, or a
+    video's frames) for one prompt (text pipelines) or class label (``DiTPipeline``), one seed."""
     captured = {}
     vae = pipe.vae
     original = vae.decode
@@ -33,9 +33,10 @@ def sample(pipe, condition, seed: int, call: dict) -> tuple[torch.Tensor, torch.
     try:
         gen = torch.Generator("cpu").manual_seed(seed)
         if takes_prompts(pipe):
-            images = pipe(condition, generator=gen, output_type="pt", **call).images
+            out = pipe(condition, generator=gen, output_type="pt", **call)
         else:
-            images = pipe(class_labels=[condition], generator=gen, output_type="pt", **call).images
+            out = pipe(class_labels=[condition], generator=gen, output_type="pt", **call)
     finally:
         del vae.decode  # drop the instance attribute: the class method is visible again
-    return captured["latents"], images.float()
+    pixels = out.images if hasattr(out, "images") else out.frames  # video: [1, F, 3, H, W]
+    return captured["latents"], pixels.reshape(-1, *pixels.shape[-3:]).float()

@@ -161,3 +161,13 @@ def test_unfused_lora_is_named_as_such():
     model.blocks[0].attn1.to_q.lora_A = nn.ModuleDict({"default": nn.Linear(128, 4)})  # PEFT's layout
     with pytest.raises(ValueError, match=r"unfused LoRA.*blocks\.0\.attn1\.to_q\.lora_A\.default.*fuse_lora"):
         select_layers(model)
+
+
+def test_linears_read_by_weight_are_never_selected(models):
+    """HunyuanDiT's attention pool passes its q/k/v/c_proj weights to F.multi_head_attention_forward;
+    even a config that includes every Linear (Qua²SeDiMo's presets) leaves them full precision."""
+    model = models["hunyuandit"]
+    pool = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".pooler." in n]
+    layers = select_layers(model, QuantConfig.preset("qua2sedimo-w3.5"))
+    assert len(pool) == 4 and not set(pool) & set(layers)
+    assert "time_extra_emb.timestep_embedder.linear_1" in layers  # the rest of include=[".*"] still holds

@@ -119,6 +119,23 @@ def test_layer_graph_follows_pixart_data_flow(tiny_pipe):
     assert hops["B0-SA"] == 1 and hops["T-Emb"] == 2 and hops["ProjOut"] == 1
 
 
+def test_graph_splits_mmdit_joint_attention_by_stream():
+    """Flux's double block: the image stream's q/k/v/out and the text stream's add_q/k/v/to_add_out are
+    two subgraphs of 4 (one of 8 would need options^8 scored assignments); both outputs read all six
+    projections (joint attention)."""
+    from ditq.evaluation.architectures import tiny_transformer
+    from ditq.quant_core.methods.qua2sedimo.graph import build_graph
+    from ditq.quant_core.models import select_layers
+
+    g = build_graph(select_layers(tiny_transformer("flux")))
+    idx, subs = g.index(), {s.name: [g.names[i] for i in s.nodes] for s in g.subgraphs}
+    a = "transformer_blocks.0.attn."
+    assert sorted(subs["B0-SA"]) == sorted(a + n for n in ("to_q", "to_k", "to_v", "to_out.0"))
+    assert sorted(subs["B0-SA-ctx"]) == sorted(a + n for n in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))
+    assert g.adj[idx[a + "to_add_out"], idx[a + "to_q"]] and g.adj[idx[a + "to_out.0"], idx[a + "add_k_proj"]]
+    assert max(len(n) for n in subs.values()) == 4
+
+
 def test_sampling_is_deterministic_and_spans_bit_mixes():
     layers = [f"l{i}" for i in range(40)]
     opts = [o.name for o in option_grid((3, 4))]

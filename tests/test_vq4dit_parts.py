@@ -226,3 +226,22 @@ def test_model_inputs_record_dedupe_and_round_trip(tiny_pipe, calib_kwargs, tmp_
     assert out.shape[0] == first["hidden_states"].shape[0] and torch.isfinite(out).all()
     with pytest.raises(KeyError, match="recorded model inputs"):
         next(CalibrationData({}, torch.zeros(1), {}).model_calls())
+
+
+def test_model_inputs_keep_tuples_and_lists_of_tensors(tmp_path):
+    """HunyuanDiT passes ``image_rotary_emb=(cos, sin)``: recorded, saved, loaded and replayed as a
+    tuple of the same tensors (lists stay lists); each tensor deduplicated like a top-level one."""
+    from ditq.quant_core.calibration import CalibrationData, ModelInputs
+
+    cos, sin = torch.randn(4, 8), torch.randn(4, 8)
+    rec = ModelInputs()
+    for step in range(2):
+        rec.update((), dict(hidden_states=torch.full((1, 3), float(step)), image_rotary_emb=(cos, sin),
+                            pairs=[torch.ones(2), {"mask": torch.zeros(2)}], sizes=(64, 64)))
+    assert len(rec.tensors) == 2 + 2 + 2  # two x_t, one cos, one sin, one ones, one mask
+    CalibrationData({}, torch.zeros(2), {}, rec).save(tmp_path / "c.safetensors")
+    calls = list(CalibrationData.load(tmp_path / "c.safetensors").model_calls())
+    emb = calls[1]["image_rotary_emb"]
+    assert isinstance(emb, tuple) and torch.equal(emb[0], cos) and torch.equal(emb[1], sin)
+    assert isinstance(calls[1]["pairs"], list) and torch.equal(calls[1]["pairs"][1]["mask"], torch.zeros(2))
+    assert calls[1]["sizes"] == [64, 64] and torch.equal(calls[1]["hidden_states"], torch.ones(1, 3))

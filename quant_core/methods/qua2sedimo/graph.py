@@ -4,7 +4,8 @@ Nodes are the quantized weight layers; directed edges follow the data flow: a bl
 inputs (q/k/v) read the residual stream and the adaLN modulation, attention outputs read q/k/v,
 cross-attention keys/values read the caption embedder, the FFN reads the stream, and the stream flows
 into the next block and finally into the output projection. Subgraphs are the units the paper scores:
-per block self-attention, cross-attention and FFN, plus the timestep embedder (with adaLN), the caption
+per block self-attention, cross-attention and FFN (an MMDiT's joint attention as two: the image
+stream's and the text stream's projections), plus the timestep embedder (with adaLN), the caption
 embedder and the output projection.
 """
 from __future__ import annotations
@@ -27,10 +28,13 @@ _OP_PATTERNS = (
     (r"(to_v|v_proj)$", "V"),
     (r"kv_linear$", "KV"),
     (r"qkv$", "QKV"),
-    (r"(to_out\.0|out_proj|attn\.proj|cross_attn\.proj)$", "O"),
+    (r"(to_out\.0|to_add_out|out_proj|attn\.proj|cross_attn\.proj)$", "O"),
     (r"(ff\.net\.0\.proj|fc1|mlp\.0|ff\.net\.0)$", "FC1"),
     (r"(ff\.net\.2|fc2|mlp\.2)$", "FC2"),
 )
+# MMDiT joint attention (Flux, SD3): the text stream's own q/k/v/out weights. They form a subgraph
+# of their own beside the image stream's: one subgraph of all 8 would have options^8 assignments to score.
+_CONTEXT_STREAM = re.compile(r"\.(add_[qkv]_proj|to_add_out)$")
 _ROLE_PREFIX = {"self_attn": "SA", "temporal_attn": "SA", "joint_attn": "SA", "cross_attn": "CA", "ffn": "FFN"}
 OP_TYPES = ("T-Emb", "AdaLN", "Caption", "ProjOut", "SA-Q", "SA-K", "SA-V", "SA-KV", "SA-QKV", "SA-O",
             "CA-Q", "CA-K", "CA-V", "CA-KV", "CA-QKV", "CA-O", "FFN-FC1", "FFN-FC2", "Other")
@@ -136,6 +140,8 @@ def _subgraphs(names, types, blocks, num_blocks, adj) -> list[Subgraph]:
         if kind == "Other":
             groups[(f"Other:{names[i]}", b)] = [i]
             continue
+        if kind == "SA" and _CONTEXT_STREAM.search(names[i]):
+            kind = "SA-ctx"
         groups.setdefault((kind, b), []).append(i)
     out = []
     for (kind, b), nodes in groups.items():

@@ -69,11 +69,13 @@ class Qua2SeDiMo:
     def needs(self, config: QuantConfig) -> tuple[str, ...]:
         return () if config.options.get("assignment") else (SEARCH,)
 
-    def search(self, pipe, config: QuantConfig, prompts: list, *, workdir=None, progress: bool = True) -> dict:
-        """The search as ``calibrate`` runs it: labels on ``prompts``; returns what ``apply`` reads."""
+    def search(self, pipe, config: QuantConfig, prompts: list, *, workdir=None, progress: bool = True,
+               call_kwargs: dict | None = None) -> dict:
+        """The search as ``calibrate`` runs it: labels on ``prompts``, sampling with ``call_kwargs`` (the
+        pipeline's keyword arguments; default: the built-in PixArt's or DiT's); returns what ``apply`` reads."""
         from ...sampling import DIT_CALL, PIXART_CALL, takes_prompts
 
-        call = PIXART_CALL if takes_prompts(pipe) else DIT_CALL
+        call = call_kwargs or (PIXART_CALL if takes_prompts(pipe) else DIT_CALL)
         result = search(pipe, config, workdir=workdir, progress=progress, call_kwargs=call, conditions=prompts)
         return {"assignment": result.assignment, "avg_bits": result.avg_bits,
                 "num_labels": result.report.num_labels, "seconds": result.report.seconds}
