@@ -94,7 +94,7 @@ class CalibrateDiT(io.ComfyNode):
             calib = ad.calibrate_patcher(model, positive=positive, negative=negative, latent=latent_image,
                                          seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
                                          scheduler=scheduler, needs=needs,
-                                         on_step=lambda step: progress(step + 1))
+                                         on_progress=progress)
         if save_as:
             calib.save(ad.output_path(ad.CALIB_FOLDER, save_as))
         return io.NodeOutput(calib, heat_map(calib))

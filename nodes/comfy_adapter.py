@@ -527,9 +527,11 @@ SAMPLER_ONLY_ARGS = ("transformer_options", "control")
 
 
 def calibrate_patcher(patcher, *, positive, negative, latent: dict, seed: int, steps: int, cfg: float,
-                      sampler_name: str, scheduler: str, needs, on_step=None) -> CalibrationData:
+                      sampler_name: str, scheduler: str, needs, on_progress=None) -> CalibrationData:
     """Sample once with ComfyUI's own sampler while the recorder's hooks sit on the diffusion model;
-    the same statistics (and model inputs) ditq.calibrate gathers from a diffusers pipeline."""
+    the same statistics (and model inputs) ditq.calibrate gathers from a diffusers pipeline.
+    ``on_progress(done, total)`` after every recorded layer (steps x layers in all): a step of a
+    large model on a CPU takes seconds, and Cancel is seen there too."""
     import comfy.sample
 
     _check_plain(patcher, "Calibrate DiT")
@@ -537,7 +539,10 @@ def calibrate_patcher(patcher, *, positive, negative, latent: dict, seed: int, s
     layers = list(select_layers(dm))
     x = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
     noise = comfy.sample.prepare_noise(x, seed)
-    rec = CalibrationRecorder(dm, layers, needs, on_step=on_step, skip_inputs=SAMPLER_ONLY_ARGS)
+    total = steps * len(layers)
+    on_layer = None if on_progress is None else \
+        (lambda step, i: on_progress(min(step * len(layers) + i + 1, total), total))
+    rec = CalibrationRecorder(dm, layers, needs, skip_inputs=SAMPLER_ONLY_ARGS, on_layer=on_layer)
     with rec, torch.no_grad():
         rec.new_run()
         comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, x,

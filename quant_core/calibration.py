@@ -318,18 +318,20 @@ class CalibrationRecorder:
     forward of ``model`` (one call = one denoising step, CFG halves batched); call :meth:`new_run`
     before each sampling run. Consecutive calls at the same timestep are one step (pipelines that run
     the CFG halves as two forwards, e.g. Wan). ``on_step`` is called after each step
-    (progress bars, interrupt checks: raising from it aborts cleanly). Hooks are removed on exit,
-    also when sampling raises. ``skip_inputs``: model arguments not to record (see :class:`ModelInputs`).
+    (progress bars, interrupt checks: raising from it aborts cleanly); ``on_layer(step, i)`` after
+    layer ``i`` of ``layers`` recorded its input, for progress and Cancel within a step that takes
+    seconds (a large model on a CPU). Hooks are removed on exit, also when sampling raises.
+    ``skip_inputs``: model arguments not to record (see :class:`ModelInputs`).
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str], needs: Sequence[str] = ("act_absmax",),
                  on_step: Callable[[int], None] | None = None, stat_options: dict[str, dict] | None = None,
-                 skip_inputs: Sequence[str] = ()):
+                 skip_inputs: Sequence[str] = (), on_layer: Callable[[int, int], None] | None = None):
         unknown = set(needs) - set(STATISTICS) - {MODEL_INPUTS}
         if unknown:
             raise ValueError(f"unknown calibration statistic(s) {sorted(unknown)}; known: "
                              f"{sorted(STATISTICS) + [MODEL_INPUTS]}")
-        self.model, self.layers, self.on_step = model, list(layers), on_step
+        self.model, self.layers, self.on_step, self.on_layer = model, list(layers), on_step, on_layer
         self.needs = tuple(n for n in needs if n != MODEL_INPUTS)
         self.inputs = ModelInputs(inspect.signature(model.forward), skip_inputs) if MODEL_INPUTS in needs else None
         opts = dict(stat_options or {})
@@ -383,7 +385,7 @@ class CalibrationRecorder:
         if self.on_step is not None and self._new_step:
             self.on_step(self.step)
 
-    def _hook(self, name):
+    def _hook(self, name, index):
         def record(module, args):
             x = args[0]
             x2 = x.reshape(-1, x.shape[-1])
@@ -392,13 +394,15 @@ class CalibrationRecorder:
                                  f"{self.step}; the full-precision model itself is producing them")
             for stat in self.stats[name].values():
                 stat.update(max(self.step, 0), x2)
+            if self.on_layer is not None:
+                self.on_layer(max(self.step, 0), index)
         return record
 
     def __enter__(self):
         self._handles.append(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._after_model))
-        for name in self.layers if self.needs else ():
-            self._handles.append(self.model.get_submodule(name).register_forward_pre_hook(self._hook(name)))
+        for index, name in enumerate(self.layers if self.needs else ()):
+            self._handles.append(self.model.get_submodule(name).register_forward_pre_hook(self._hook(name, index)))
         return self
 
     def __exit__(self, *exc):

@@ -10,6 +10,7 @@ the centroid update is a sorted segment sum (no atomic adds), so a run is repeat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -58,11 +59,18 @@ def nearest(x: torch.Tensor, c: torch.Tensor, n: int = 1) -> tuple[torch.Tensor,
     return torch.cat(dists, 1), torch.cat(idx, 1)
 
 
-def assign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Index ``[B, S]`` of the nearest centroid (the Lloyd step; cheaper than ``nearest``)."""
+def assign(x: torch.Tensor, c: torch.Tensor, on_chunk: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Index ``[B, S]`` of the nearest centroid (the Lloyd step; cheaper than ``nearest``).
+    ``on_chunk(i, n)`` before chunk ``i`` of ``n``: one pass over a large layer takes seconds on a CPU."""
     step = _chunk_rows(x.shape[0], c.shape[1])
     x, c = x.float(), c.float()
-    return torch.cat([_scores(x[:, i:i + step], c).argmin(-1) for i in range(0, x.shape[1], step)], 1)
+    starts = range(0, x.shape[1], step)
+    parts = []
+    for i, start in enumerate(starts):
+        if on_chunk is not None:
+            on_chunk(i, len(starts))
+        parts.append(_scores(x[:, start:start + step], c).argmin(-1))
+    return torch.cat(parts, 1)
 
 
 def _init_random(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -81,8 +89,7 @@ def _init_kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tenso
     centres[:, 0] = x[rows, first]
     dmin = (x - centres[:, :1]).pow(2).sum(-1)
     for i in range(1, k):
-        if i % 16 == 0:
-            report("k-means++ init", i, k)
+        report("k-means++ init", i, k)
         weights = torch.where(dmin.sum(-1, keepdim=True) > 0, dmin, torch.ones_like(dmin))
         pick = torch.multinomial(weights, 1, generator=gen).squeeze(-1)
         centres[:, i] = x[rows, pick]
@@ -123,9 +130,8 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int = 100, seed: int = 0, init: st
     labels = assign(xb, centres)
     done = 0
     for done in range(1, iters + 1):
-        report("k-means", done, iters)
         centres = _update(xb, labels, centres)
-        new = assign(xb, centres)
+        new = assign(xb, centres, lambda i, n: report("k-means", (done - 1) * n + i, iters * n))
         if torch.equal(new, labels):
             break
         labels = new
