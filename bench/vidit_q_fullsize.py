@@ -2,9 +2,11 @@
 random weights), with and without planted modulation outliers (builtin.plant_modulation_outliers).
 
 Per model: calibrate on direct transformer calls at ``--calib-timesteps`` (batch ``--batch``, 120
-random text tokens, a 32x32 latent), then for each preset
-quantize a fresh copy, time the quantization, run one forward at timestep 500 and report the SQNR
-of the output against the full-precision forward, and the block-Linear weight bytes vs fp16.
+random text tokens, a 32x32 latent), then for each preset quantize a fresh copy, time the
+quantization (wall and this process's CPU seconds: the CPU time is what compares between rows on a
+shared machine), run one forward at timestep 500 and report the SQNR of the output against the
+full-precision forward, and the block-Linear weight bytes vs fp16 in memory (the report) and on disk
+(the saved safetensors, biases excluded). The header and the last line give the load average.
 Presets take vidit-q option overrides as in vidit_q_quality.py (``name:key=value,...``).
 
     PYTHONPATH=<folder holding ditq> python3 bench/vidit_q_fullsize.py --out bench/results/vidit_q/fullsize.md
@@ -14,8 +16,10 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +49,8 @@ def calibrate_direct(model, inputs, timesteps):
 def evaluate(planted: bool, presets, timesteps, batch: int):
     from ditq import quantize
     from ditq.evaluation.builtin import plant_modulation_outliers
+    from ditq.evaluation.compare import file_tensor_bytes
+    from ditq.quant_core.serialization import WEIGHTS_NAME, save_quantized
     from ditq.quant_core.metrics import sqnr
 
     model = build_transformer("pixart-xl", PX, "cpu", torch.float32)
@@ -58,13 +64,20 @@ def evaluate(planted: bool, presets, timesteps, batch: int):
         ref = model(**inputs)[0]
     for spec in presets:
         q = copy.deepcopy(model)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         report = quantize(q, parse(spec), calib, progress=False)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         with torch.no_grad():
             out = q(**inputs)[0]
-        yield spec, sqnr(ref, out), report.ratio, seconds
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_quantized(q, Path(tmp) / "q")
+            disk = file_tensor_bytes(folder / WEIGHTS_NAME, {r.name for r in report.layers}) / report.fp16_bytes
+        yield spec, sqnr(ref, out), report.ratio, disk, seconds, cpu
         del q
+
+
+def load() -> str:
+    return " / ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def main(argv=None):
@@ -79,16 +92,21 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     planted = {"both": [False, True], "on": [True], "off": [False]}[args.outliers]
     lines = [f"device: CPU ({platform.machine()}, {args.threads} threads) · date: {datetime.date.today()} · "
-             f"commit: {git_commit()} · command: `python bench/vidit_q_fullsize.py {' '.join(argv or sys.argv[1:])}`",
+             f"commit: {git_commit()} · load average (1/5/15 min): {load()} · "
+             f"command: `python bench/vidit_q_fullsize.py {' '.join(argv or sys.argv[1:])}`",
              "", f"PixArt-XL/2 architecture (28 blocks x 1152, seeded random weights), batch {args.batch}, 32x32 latent, "
              f"120 text tokens; calibration at timesteps {args.calib_timesteps}; one forward at t=500.", "",
-             "| planted outliers | preset | output SQNR vs FP dB | block-Linear weight bytes / fp16 | quantize s |",
-             "|---|---|---|---|---|"]
+             "| planted outliers | preset | output SQNR vs FP dB | block-Linear bytes / fp16 (memory) | on disk "
+             "| quantize s (wall) | quantize s (CPU) |",
+             "|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for p in planted:
-        for spec, db, ratio, sec in evaluate(p, args.presets, args.calib_timesteps, args.batch):
-            lines.append(f"| {'yes' if p else 'no'} | {spec} | {db:.2f} | {ratio:.3f} | {sec:.1f} |")
+        for spec, db, ratio, disk, sec, cpu in evaluate(p, args.presets, args.calib_timesteps, args.batch):
+            lines.append(f"| {'yes' if p else 'no'} | {spec} | {db:.2f} | {ratio:.3f} | {disk:.3f} | {sec:.1f} "
+                         f"| {cpu:.1f} |")
             print(lines[-1], flush=True)
+    lines += ["", f"load average at the end: {load()}"]
+    print(lines[-1], flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
