@@ -19,7 +19,6 @@ import datetime
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_e2e import build_transformer, make_inputs  # noqa: E402
 from quality import git_commit  # noqa: E402
-from vidit_q_quality import parse  # noqa: E402
+from vidit_q_quality import disk_ratio, parse  # noqa: E402
 
 PRESETS = ("rtn-w8a8-dynamic", "vidit-q-w8a8", "vidit-q-w8a8:choose_balance=false", "vidit-q-w4a8-mp")
 PX = 256  # 32x32 latent
@@ -49,8 +48,6 @@ def calibrate_direct(model, inputs, timesteps):
 def evaluate(planted: bool, presets, timesteps, batch: int):
     from ditq import quantize
     from ditq.evaluation.builtin import plant_modulation_outliers
-    from ditq.evaluation.compare import file_tensor_bytes
-    from ditq.quant_core.serialization import WEIGHTS_NAME, save_quantized
     from ditq.quant_core.metrics import sqnr
 
     model = build_transformer("pixart-xl", PX, "cpu", torch.float32)
@@ -69,10 +66,7 @@ def evaluate(planted: bool, presets, timesteps, batch: int):
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         with torch.no_grad():
             out = q(**inputs)[0]
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = save_quantized(q, Path(tmp) / "q")
-            disk = file_tensor_bytes(folder / WEIGHTS_NAME, {r.name for r in report.layers}) / report.fp16_bytes
-        yield spec, sqnr(ref, out), report.ratio, disk, seconds, cpu
+        yield spec, sqnr(ref, out), report.ratio, disk_ratio(q, report), seconds, cpu
         del q
 
 
