@@ -16,7 +16,9 @@ from ditq.quant_core.config import LayerScheme
 from ditq.quant_core.layers import QuantLinear
 from ditq.quant_core.metrics import psnr, sqnr
 from ditq.quant_core import quantizers as qz
-from ditq.quant_core.methods.vidit_q.method import analyze_sensitivity, paper_bit_plan
+from ditq.quant_core.calibration import CalibrationData
+from ditq.quant_core.methods.vidit_q.method import (SCORE_OUTPUTS, SCORE_ROWS, ViDiTQOptions, _Builder,
+                                                  analyze_sensitivity, paper_bit_plan, score_outputs)
 from ditq.quant_core.models import select_layers, set_submodule
 from ditq.quant_core.methods.vidit_q.sensitivity import CellCost, SensitivityReport, average_bits, budget_plan
 from ditq.quant_core.methods.vidit_q.switching import (SplitPlaneLinear, TimestepSwitchLinear, range_index,
@@ -83,6 +85,32 @@ def _outlier_linear(k=256, n=64, seed=0):
     with torch.no_grad():
         lin.weight[:, [3, 77, 200]] /= 100.0
     return lin, x
+
+
+def test_balancing_candidates_score_exactly_on_a_subset_of_output_channels():
+    """The balancing choice scores each candidate on SCORE_OUTPUTS output channels only: with
+    per-channel weights and per-token activations each channel's error is its own, so the subset's
+    fake-quantized outputs are those channels of the whole layer's, and the choice is the one the
+    whole layer's errors make; the winner comes back balanced in full."""
+    lin, x = _outlier_linear(n=3 * SCORE_OUTPUTS)
+    name = "transformer_blocks.0.attn1.to_q"
+    calib = CalibrationData({name: {"act_absmax": x.abs().amax(dim=0, keepdim=True), "act_samples": x}},
+                            torch.tensor([500.0]), {})
+    cfg = QuantConfig.preset("vidit-q-w8a8")
+    opts = ViDiTQOptions.from_config(cfg)
+    builder, scheme, xs = _Builder(cfg, opts, calib), cfg.scheme_for(name, 256), x[:SCORE_ROWS]
+    rows = score_outputs(lin.out_features)
+    assert rows.unique().numel() == SCORE_OUTPUTS and rows[0] == 0 and rows[-1] > 2 * SCORE_OUTPUTS  # spread out
+    ref = xs.double() @ lin.weight.double().t() + lin.bias.double()
+    errors = {}
+    for candidate in opts.balance_candidates(name):
+        whole = builder.simulate(name, lin, scheme, builder.balance(name, lin, *candidate), xs)
+        subset = builder.simulate(name, lin, scheme, builder.balance(name, lin, *candidate, rows=rows), xs, rows)
+        torch.testing.assert_close(subset, whole[:, rows], rtol=1e-5, atol=1e-5 * whole.abs().max().item())
+        errors[candidate] = (whole.double() - ref).norm().item()
+    chosen, balance = builder.choose(name, lin, scheme)
+    assert len(errors) == 4 and chosen == min(errors, key=errors.get) and chosen[0] is not None
+    assert balance.weight.shape == lin.weight.shape
 
 
 @pytest.mark.parametrize("mode", ["full", "block"])
