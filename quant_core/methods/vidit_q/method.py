@@ -58,7 +58,7 @@ from .. import register_method
 DEFAULT_ALPHA = {r".*": 0.3, r"(ff|ffn|ff_context)\.net\.2$|mlp\.fc2$": 0.12}
 SWEEP_ALPHAS = (0.1, 0.3, 0.5, 0.7)  # the official sweep_alpha.py grid
 SCORE_ROWS = 128  # calibration rows a balancing candidate is scored on (enough to rank; cheap)
-SCORE_OUTPUTS = 128  # output channels it is scored on (per-channel errors are independent: a sample ranks)
+SCORE_OUTPUTS = 256  # output channels it is scored on (per-channel errors are independent: a sample ranks)
 MP_LOW, MP_HIGH = 4, 8  # the plane format: W8 = two 4-bit planes, W4 = the high one
 
 
