@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_e2e import build_transformer, make_inputs  # noqa: E402
 from quality import git_commit  # noqa: E402
-from vidit_q_fullsize import PX, calibrate_direct, load  # noqa: E402
+from vidit_q_fullsize import PX, calibrate_direct, load, save  # noqa: E402
 from vidit_q_quality import parse  # noqa: E402
 
 VARIANTS = {"off": "vidit-q-w8a8:choose_balance=false", "on": "vidit-q-w8a8"}
@@ -67,9 +67,7 @@ def main(argv=None):
     lines += ["", f"median on / off: wall {median['on'][0] / median['off'][0]:.2f}x, "
               f"CPU {median['on'][1] / median['off'][1]:.2f}x · load average at the end: {load()}"]
     print(lines[-1], flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
+    save(lines, args.out)
 
 
 if __name__ == "__main__":

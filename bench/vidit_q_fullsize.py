@@ -74,6 +74,12 @@ def load() -> str:
     return " / ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
+def save(lines: list[str], out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=list(PRESETS))
@@ -101,9 +107,7 @@ def main(argv=None):
             print(lines[-1], flush=True)
     lines += ["", f"load average at the end: {load()}"]
     print(lines[-1], flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
+    save(lines, args.out)
 
 
 if __name__ == "__main__":
