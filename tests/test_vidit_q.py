@@ -16,7 +16,9 @@ from ditq.quant_core.config import LayerScheme
 from ditq.quant_core.layers import QuantLinear
 from ditq.quant_core.metrics import psnr, sqnr
 from ditq.quant_core import quantizers as qz
-from ditq.quant_core.methods.vidit_q.method import analyze_sensitivity, paper_bit_plan
+from ditq.quant_core.calibration import CalibrationData
+from ditq.quant_core.methods.vidit_q.method import (SCORE_OUTPUTS, SCORE_ROWS, ViDiTQOptions, _Builder,
+                                                  analyze_sensitivity, paper_bit_plan, score_outputs)
 from ditq.quant_core.models import select_layers, set_submodule
 from ditq.quant_core.methods.vidit_q.sensitivity import CellCost, SensitivityReport, average_bits, budget_plan
 from ditq.quant_core.methods.vidit_q.switching import (SplitPlaneLinear, TimestepSwitchLinear, range_index,
@@ -83,6 +85,32 @@ def _outlier_linear(k=256, n=64, seed=0):
     with torch.no_grad():
         lin.weight[:, [3, 77, 200]] /= 100.0
     return lin, x
+
+
+def test_balancing_candidates_score_exactly_on_a_subset_of_output_channels():
+    """The balancing choice scores each candidate on SCORE_OUTPUTS output channels only: with
+    per-channel weights and per-token activations each channel's error is its own, so the subset's
+    fake-quantized outputs are those channels of the whole layer's, and the choice is the one the
+    whole layer's errors make; the winner comes back balanced in full."""
+    lin, x = _outlier_linear(n=3 * SCORE_OUTPUTS)
+    name = "transformer_blocks.0.attn1.to_q"
+    calib = CalibrationData({name: {"act_absmax": x.abs().amax(dim=0, keepdim=True), "act_samples": x}},
+                            torch.tensor([500.0]), {})
+    cfg = QuantConfig.preset("vidit-q-w8a8")
+    opts = ViDiTQOptions.from_config(cfg)
+    builder, scheme, xs = _Builder(cfg, opts, calib), cfg.scheme_for(name, 256), x[:SCORE_ROWS]
+    rows = score_outputs(lin.out_features)
+    assert rows.unique().numel() == SCORE_OUTPUTS and rows[0] == 0 and rows[-1] > 2 * SCORE_OUTPUTS  # spread out
+    ref = xs.double() @ lin.weight.double().t() + lin.bias.double()
+    errors = {}
+    for candidate in opts.balance_candidates(name):
+        whole = builder.simulate(name, lin, scheme, builder.balance(name, lin, *candidate), xs)
+        subset = builder.simulate(name, lin, scheme, builder.balance(name, lin, *candidate, rows=rows), xs, rows)
+        torch.testing.assert_close(subset, whole[:, rows], rtol=1e-5, atol=1e-5 * whole.abs().max().item())
+        errors[candidate] = (whole.double() - ref).norm().item()
+    chosen, balance = builder.choose(name, lin, scheme)
+    assert len(errors) == 4 and chosen == min(errors, key=errors.get) and chosen[0] is not None
+    assert balance.weight.shape == lin.weight.shape
 
 
 @pytest.mark.parametrize("mode", ["full", "block"])
@@ -408,10 +436,27 @@ def test_calibration_memory_is_bounded_by_statistics(tiny_pipe):
     assert shapes[1]["act_samples"] == (256, 256)  # reservoir: 4 * 2 * 256 rows seen, 256 kept
 
 
+def _stored_bytes(model, layers) -> tuple[int, int]:
+    """(bytes in memory, bytes in a saved file) of the named quantized layers, biases excluded: every
+    buffer they hold (planes, scales, smoothing vectors, rotation signs), counted from the modules and
+    from the safetensors the model saves to."""
+    import tempfile
+    from pathlib import Path
+
+    from ditq.evaluation.compare import file_tensor_bytes
+    from ditq.quant_core.serialization import WEIGHTS_NAME
+
+    memory = sum(b.numel() * b.element_size() for n in layers
+                 for k, b in model.get_submodule(n).named_buffers() if not k.endswith("bias"))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_quantized(model, Path(tmp) / "q")
+        return memory, file_tensor_bytes(folder / WEIGHTS_NAME, set(layers))
+
+
 def test_stress_model_acceptance(stress_pipe, fresh, run_pipe, calib_kwargs):
     """rtn-w8a8 fails on the planted outliers; vidit-q-w8a8 stays near-lossless; W4A8-MP at <= 0.32x
-    fp16 block-Linear bytes stays 10 dB above RTN W4A8 (45.4 dB in the 10-step bench; this 4-step
-    run measures 42.5 dB)."""
+    fp16 block-Linear bytes, in memory and in the saved file, stays 10 dB above RTN W4A8 (45.4 dB in
+    the 10-step bench; this 4-step run measures 42.5 dB)."""
     steps = 4
     kw = dict(calib_kwargs, num_inference_steps=steps)
     calib = calibrate(stress_pipe, ["a red fox in snow"], needs=("act_absmax", "act_samples"), **kw)
@@ -419,8 +464,11 @@ def test_stress_model_acceptance(stress_pipe, fresh, run_pipe, calib_kwargs):
     got, ratio = {}, {}
     for name in ("rtn-w8a8", "rtn-w4a8", "vidit-q-w8a8", "vidit-q-w4a8-mp"):
         pipe = fresh(stress_pipe)
-        ratio[name] = quantize(pipe.transformer, QuantConfig.preset(name), calib, progress=False).ratio
+        report = quantize(pipe.transformer, QuantConfig.preset(name), calib, progress=False)
+        ratio[name] = report.ratio
         got[name] = psnr(ref, run_pipe(pipe, steps=steps))
+    memory, disk = _stored_bytes(pipe.transformer, [r.name for r in report.layers])
+    assert memory == disk and memory <= 0.32 * report.fp16_bytes, (memory, disk, report.fp16_bytes)
     assert got["vidit-q-w8a8"] >= 30 and got["vidit-q-w8a8"] >= got["rtn-w8a8"] + 10, got
     assert ratio["vidit-q-w4a8-mp"] <= 0.32, ratio
     assert got["vidit-q-w4a8-mp"] >= 40 and got["vidit-q-w4a8-mp"] >= got["rtn-w4a8"] + 10, got

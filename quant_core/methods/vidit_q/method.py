@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ... import quantizers as qz
 from ...passes import rotation as rot
@@ -57,6 +58,7 @@ from .. import register_method
 DEFAULT_ALPHA = {r".*": 0.3, r"(ff|ffn|ff_context)\.net\.2$|mlp\.fc2$": 0.12}
 SWEEP_ALPHAS = (0.1, 0.3, 0.5, 0.7)  # the official sweep_alpha.py grid
 SCORE_ROWS = 128  # calibration rows a balancing candidate is scored on (enough to rank; cheap)
+SCORE_OUTPUTS = 256  # output channels it is scored on (per-channel errors are independent: a sample ranks)
 MP_LOW, MP_HIGH = 4, 8  # the plane format: W8 = two 4-bit planes, W4 = the high one
 
 
@@ -157,15 +159,16 @@ class _Builder:
         self.config, self.opts, self.calibration = config, opts, calibration
 
     def balance(self, name: str, linear: nn.Linear, alpha: float | None, rotate: bool,
-                steps: torch.Tensor | None = None) -> Balance:
+                steps: torch.Tensor | None = None, rows: torch.Tensor | slice = slice(None)) -> Balance:
         """Smooth at ``alpha`` (activation maxima over ``steps``, default all; None: no smoothing),
-        then rotate if ``rotate``."""
+        then rotate if ``rotate``. ``rows``: only these output channels' weight rows (the smoothing
+        vector still comes from the whole weight, so they are exactly those rows of the full form)."""
         w = linear.weight.detach().float()
         s = None
         if alpha is not None:
             a = smoothing.activation_max(self.calibration.get(name, "act_absmax"), steps, self.opts.act_floor)
             s = smoothing.smoothing_scale(a, w, alpha)
-            w = w * s
+        w = w[rows] if s is None else w[rows] * s
         block = rot.rotation_block(w.shape[1], self.opts.rotation, self.opts.rotation_block) if rotate else None
         signs = rot.random_signs(w.shape[1], self.opts.seed, name) if block else None
         if block:
@@ -177,22 +180,30 @@ class _Builder:
 
     def choose(self, name: str, linear: nn.Linear, scheme: LayerScheme) -> tuple[tuple[float | None, bool], Balance]:
         """The balancing candidate whose ``scheme`` layer output is closest to the FP output on the
-        calibration rows (``act_samples``), and its Balance; the only candidate when there is no choice."""
+        calibration rows (``act_samples``), and its Balance; the only candidate when there is no choice.
+        Where the output error is separable per output channel (per-channel RTN weights, per-token
+        activations), candidates are scored on :data:`SCORE_OUTPUTS` of them: the balanced weight
+        rows, their quantization and the GEMM cost that fraction of the layer, and only the winner is
+        built in full."""
         candidates = self.opts.balance_candidates(name)
-        balances = {c: self.balance(name, linear, *c) for c in candidates}
         if len(candidates) == 1:
-            return candidates[0], balances[candidates[0]]
+            return candidates[0], self.balance(name, linear, *candidates[0])
         x = self.calibration.get(name, "act_samples")[:SCORE_ROWS].to(linear.weight.dtype)
-        ref = linear(x)
-        errors = {c: rel_l2(ref, self.simulate(name, linear, scheme, b, x)) for c, b in balances.items()}
+        rows = score_outputs(linear.out_features) if _separable(scheme) else slice(None)
+        ref = F.linear(x, linear.weight[rows], None if linear.bias is None else linear.bias[rows])
+        errors = {}
+        for c in candidates:
+            b = self.balance(name, linear, *c, rows=rows)
+            errors[c] = rel_l2(ref, self.simulate(name, linear, scheme, b, x, rows))
         best = min(errors, key=errors.get)
-        return best, balances[best]
+        return best, self.balance(name, linear, *best)
 
-    def simulate(self, name: str, linear: nn.Linear, scheme: LayerScheme, b: Balance, x: torch.Tensor) -> torch.Tensor:
-        """The layer's output for ``x`` with this balancing, fake-quantized in float32 (scoring only:
-        cheaper than building the packed layer and running the exact integer GEMM)."""
-        if scheme.weight_format != "int" or scheme.act_mode not in ("dynamic_token", None) or \
-                scheme.weight_granularity != "channel":
+    def simulate(self, name: str, linear: nn.Linear, scheme: LayerScheme, b: Balance, x: torch.Tensor,
+                 rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """The layer's output for ``x`` with this balancing (output channels ``rows`` only, whose weight
+        rows ``b`` holds), fake-quantized in float32 (scoring only: cheaper than building the packed
+        layer and running the exact integer GEMM)."""
+        if not _separable(scheme):
             return self.quant_linear(name, linear, scheme, b)(x)
         from ....kernels.reference import transform_input
 
@@ -202,7 +213,20 @@ class _Builder:
         if scheme.act_mode is not None:
             xt = qz.fake_quantize(xt, scheme.act_bits)
         y = xt @ w.t()
-        return y if linear.bias is None else y + linear.bias.float()
+        return y if linear.bias is None else y + linear.bias[rows].float()
+
+
+def _separable(scheme: LayerScheme) -> bool:
+    """Whether each output channel's error depends only on its own weight row (per-channel integer
+    weights, per-token or no activation quantization): then a subset of channels scores exactly."""
+    return scheme.weight_format == "int" and scheme.act_mode in ("dynamic_token", None) and \
+        scheme.weight_granularity == "channel"
+
+
+def score_outputs(out_features: int) -> torch.Tensor:
+    """Evenly spaced output channels, at most :data:`SCORE_OUTPUTS`, that a candidate is scored on."""
+    count = min(out_features, SCORE_OUTPUTS)
+    return torch.arange(count) * out_features // count
 
 
 def plane_gains(layer: SplitPlaneLinear, weight: torch.Tensor, act_absmax: torch.Tensor,
