@@ -391,7 +391,8 @@ class Events:
 
         self.client_id = str(uuid.uuid4())
         self.ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}",
-                                              timeout=0.2)
+                                              timeout=30)
+        self.ws.settimeout(0.2)  # then poll, so the interrupt can be sent on time
         self.server = server
 
     def queue(self, prompt: dict) -> str:
