@@ -29,8 +29,12 @@ def hessian(samples: torch.Tensor, name: str = "layer") -> torch.Tensor:
         raise ValueError(f"{name}: GPTQ needs calibration input rows [n, K], got shape {tuple(samples.shape)}")
     qz.check_finite(samples, f"{name} calibration inputs")
     x = samples.double()
-    report("gptq hessian", 0, 1)  # X^T X at K = 4608 takes seconds on a CPU: a point between it and the factor
-    return x.t() @ x / x.shape[0]
+    k = x.shape[1]
+    h = torch.empty(k, k, dtype=x.dtype, device=x.device)
+    for j0 in range(0, k, 1024):  # in column slabs: X^T X at K = 4608 takes seconds on a busy CPU
+        report("gptq hessian", j0, k)
+        h[:, j0:j0 + 1024] = x.t() @ x[:, j0:j0 + 1024]
+    return h / x.shape[0]
 
 
 def minmax_scale_fn(bits: int, symmetric: bool, full_range: bool = False) -> ScaleFn:
@@ -114,12 +118,13 @@ def gptq(w: torch.Tensor, h: torch.Tensor, *, bits: int, symmetric: bool = True,
     zeros = None if symmetric else torch.empty(n, groups, dtype=torch.float32, device=w.device)
     block = -(-max(block_size, 1) // gs) * gs if groups > 1 else max(block_size, 1)
     for b0 in range(0, k, block):
-        report("gptq columns", b0, k)
         b1 = min(b0 + block, k)
         wb = w[:, b0:b1]
         errs = torch.empty_like(wb)
         for i in range(b1 - b0):
             col = b0 + i
+            if col % 32 == 0:  # a 128-column block of a 4608-row layer takes seconds on a busy CPU
+                report("gptq columns", col, k)
             if col % gs == 0:  # a new group lies inside this block (wb is a view of w): scale it as it is now
                 scale, zero = scale_fn(w[:, col:col + gs].float())
                 scales[:, col // gs] = scale[:, 0]
