@@ -111,10 +111,24 @@ def progress_callback(total: int) -> Callable[[int, int], None]:
 
 def core_progress(total: int = 1):
     """``on_progress(stage, done, total)`` for the core's long loops (GPTQ columns, k-means
-    iterations, optimisation steps): checks Cancel on every call, moves the bar (the stage's own
-    units; ComfyUI shows one bar per node)."""
-    cb = progress_callback(total)
-    return lambda stage, done, stage_total: cb(done, max(stage_total, 1))
+    iterations, optimisation steps): checks Cancel on every call, moves the bar in the stage's own
+    units. Each stage, and each restart of one (the next layer's GPTQ columns), gets a fresh
+    ProgressBar: ComfyUI sends a bar's updates only when it moved 0.5 % past the last one sent, so
+    one bar shared by stages whose counts restart at 0 went silent for seconds."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    current = {"bar": None, "stage": None, "done": 0}
+
+    def cb(stage: str, done: int, stage_total: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        if current["bar"] is None or stage != current["stage"] or done < current["done"]:
+            current["bar"] = comfy.utils.ProgressBar(max(stage_total, 1))
+        current["stage"], current["done"] = stage, done
+        current["bar"].update_absolute(done, max(stage_total, 1))
+
+    cb("start", 0, total)  # shown at once, before the first unit of work ends
+    return cb
 
 
 # -- reading a patcher ---------------------------------------------------------------------------
