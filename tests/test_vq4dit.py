@@ -152,3 +152,24 @@ def test_calibration_lowers_block_error_below_kmeans(tiny_pipe, trajectory, fres
     full = error(steps=60, harden_at=0.5)
     assert assignments < 0.95 * nearest
     assert full < assignments
+
+
+def test_quantize_under_inference_mode(tiny_pipe, trajectory, fresh):
+    """ComfyUI executes nodes under torch.inference_mode (its loaded weights and the inputs its sampler
+    recorded are inference tensors); the optimisation needs autograd all the same."""
+    import copy
+
+    from ditq import quantize
+
+    with torch.inference_mode():
+        model = fresh(tiny_pipe.transformer)
+        calib = copy.copy(trajectory)
+        calib.inputs = copy.copy(trajectory.inputs)
+        calib.inputs.tensors = {k: v.clone() for k, v in trajectory.inputs.tensors.items()}
+        assert model.pos_embed.proj.weight.is_inference() and next(iter(calib.inputs.tensors.values())).is_inference()
+        quantize(model, _cfg(include=FEW, steps=4), calib, progress=False)
+    reference = fresh(tiny_pipe.transformer)
+    quantize(reference, _cfg(include=FEW, steps=4), trajectory, progress=False)
+    for name in ("transformer_blocks.0.attn1.to_q", "transformer_blocks.0.ff.net.2"):
+        got, want = model.get_submodule(name).state_dict(), reference.get_submodule(name).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), name

@@ -289,7 +289,8 @@ class _Calibration:
         self.teacher = ctx.model
         self.device = next(self.teacher.parameters()).device
         self.calls = ctx.calibration.inputs.calls
-        self.tensors = ctx.calibration.inputs.tensors
+        # inputs recorded under inference mode (ComfyUI's sampler) cannot be saved for backward
+        self.tensors = {k: v.clone() if v.is_inference() else v for k, v in ctx.calibration.inputs.tensors.items()}
         self.fingerprint = self._fingerprint()
         self.step = 0
         saved = self._load_state()
@@ -445,8 +446,11 @@ class VQ4DiT:
             raise ValueError("vq4dit needs the teacher's recorded model inputs: calib = calibrate(pipe, prompts, "
                              "config=cfg) records them")
         opts = VQ4DiTOptions.from_config(ctx.config)
-        cal = _Calibration(ctx, opts)
-        ctx.method_state.update(cal.run())
+        # ComfyUI runs every node under torch.inference_mode, where enable_grad does nothing: the
+        # optimisation leaves it (the student and its codebooks are built outside it too)
+        with torch.inference_mode(False):
+            cal = _Calibration(ctx, opts)
+            ctx.method_state.update(cal.run())
         for name, soft in cal.soft.items():
             soft.harden()
             dtype = ctx.linear(name).weight.dtype
