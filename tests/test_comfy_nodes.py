@@ -19,6 +19,19 @@ TITLES = {"DitqCalibrateDiT": "Calibrate DiT (ditq)", "DitqQuantizeDiT": "Quanti
           "DitqLoadQuantizedDiT": "Load Quantized DiT (ditq)", "DitqSaveQuantizedDiT": "Save Quantized DiT (ditq)"}
 
 
+def run_like_comfyui(cls):
+    """The node class as ComfyUI's executor runs it: every execute under torch.inference_mode
+    (execution.py), where enable_grad does nothing and tensors made inside cannot be saved for backward."""
+
+    class UnderInferenceMode(cls):
+        @classmethod
+        def execute(cls_, **kwargs):
+            with torch.inference_mode():
+                return super().execute(**kwargs)
+
+    return UnderInferenceMode
+
+
 def _drop_modules():
     for name in list(sys.modules):
         if name.split(".")[0] in STANDIN_MODULES or name.startswith("ditq.nodes"):
@@ -39,7 +52,7 @@ def comfy(tmp_path_factory):
 
     ext = asyncio.run(ditq.comfy_entrypoint())
     asyncio.run(ext.on_load())
-    nodes = {cls.GET_SCHEMA().node_id: cls for cls in asyncio.run(ext.get_node_list())}
+    nodes = {cls.GET_SCHEMA().node_id: run_like_comfyui(cls) for cls in asyncio.run(ext.get_node_list())}
     import comfy as comfy_pkg
     import comfy.model_management
     import comfy.sample
@@ -59,8 +72,8 @@ def make_patcher(seed=0, depth=2, hidden=64):
     torch.manual_seed(seed)
     cfg = PixArtSigma({"image_model": "pixart_sigma", "hidden_size": hidden, "num_heads": 4, "depth": depth,
                        "patch_size": 2, "in_channels": 4, "caption_channels": 32})
-    base = cfg.get_model({})
-    with torch.no_grad():
+    with torch.inference_mode():  # ComfyUI's loader nodes build models under it: inference-tensor weights
+        base = cfg.get_model({})
         for name, p in base.diffusion_model.named_parameters():
             p.copy_(torch.randn_like(p) * (0.1 if "table" in name or name.endswith("bias") else p.shape[-1] ** -0.5))
     return ModelPatcher(base, mm.get_torch_device(), mm.unet_offload_device())
@@ -74,7 +87,7 @@ SAMPLING = dict(seed=3, steps=3, cfg=3.0, sampler_name="euler", scheduler="norma
 def sample(comfy, patcher):
     lat = COND["latent_image"]["samples"]
     noise = comfy.sample.prepare_noise(lat, SAMPLING["seed"])
-    with torch.no_grad():
+    with torch.inference_mode():  # as ComfyUI's KSampler node runs
         return comfy.sample.sample(patcher, noise, SAMPLING["steps"], SAMPLING["cfg"], "euler", "normal",
                                    COND["positive"], COND["negative"], lat)
 
