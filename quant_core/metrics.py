@@ -22,6 +22,21 @@ def rel_l2(reference: torch.Tensor, approx: torch.Tensor) -> float:
     return ((ref - approx.double()).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+def lora_effect(fp: torch.Tensor, fp_lora: torch.Tensor, quantized: torch.Tensor,
+                quantized_lora: torch.Tensor) -> dict[str, float]:
+    """How much of a LoRA's effect on FP outputs a quantized model delivers, as fractions of FP's
+    effect ``e = fp_lora - fp``: ``norm`` = |q_lora - q| / |e|; ``along`` = the component of
+    ``q_lora - q`` in the direction of ``e`` (1 = the LoRA fully delivered, 0 = rounded away);
+    ``across`` = the rest, orthogonal to ``e``. An activation-quantized model re-rounds every moved
+    activation, so ``across`` holds that rounding noise and inflates ``norm`` when ``e`` is small."""
+    e = fp_lora.double() - fp.double()
+    d = quantized_lora.double() - quantized.double()
+    e2 = e.pow(2).sum().clamp_min(1e-300)
+    along = (d * e).sum() / e2
+    across = (d - along * e).norm() / e2.sqrt()
+    return {"norm": (d.norm() / e2.sqrt()).item(), "along": along.item(), "across": across.item()}
+
+
 def psnr(reference: torch.Tensor, approx: torch.Tensor, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB for images in ``[0, data_range]``."""
     mse = (reference.double() - approx.double()).pow(2).mean().item()

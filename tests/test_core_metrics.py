@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ditq.quant_core.metrics import psnr, rel_l2, sqnr, ssim
+from ditq.quant_core.metrics import lora_effect, psnr, rel_l2, sqnr, ssim
 
 
 def test_known_answers():
@@ -24,3 +24,16 @@ def test_ssim_properties():
     assert 1 > ssim(img, noisy) > ssim(img, very) > -1
     # a constant shift changes luminance only: SSIM stays high though PSNR drops
     assert ssim(img * 0.5, img * 0.5 + 0.05) > 0.95
+
+
+def test_lora_effect_splits_delivered_effect_from_noise():
+    g = torch.Generator().manual_seed(0)
+    fp, e = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    noise = torch.randn(64, generator=g)
+    noise -= (noise @ e) / (e @ e) * e          # orthogonal to the effect, |noise| = 0.5 |e|
+    noise *= 0.5 * e.norm() / noise.norm()
+    q = fp + 0.01 * torch.randn(64, generator=g)
+    got = lora_effect(fp, fp + e, q, q + 0.8 * e + noise)
+    assert got["along"] == pytest.approx(0.8) and got["across"] == pytest.approx(0.5)
+    assert got["norm"] == pytest.approx(math.hypot(0.8, 0.5))
+    assert lora_effect(fp, fp + e, q, q) == {"norm": 0.0, "along": 0.0, "across": 0.0}
