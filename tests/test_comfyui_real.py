@@ -524,7 +524,8 @@ def test_lora_after_fp_prompt_leaves_no_trace_in_quantize(server):
 
 
 LAYER_TYPES = {"int8": "rtn-w8a8-dynamic", "W4A8": "rtn-w4a8", "fp8": "rtn-fp8", "codebook": "vq4dit-w3",
-               "timestep switch (MP)": "vidit-q-w4a8-mp"}
+               "timestep switch (MP)": "vidit-q-w4a8-mp",
+               "W4A16": "rtn-w4a16"}  # weight-only int4: the control without activation rounding
 
 
 LORA_CASES = {"s0.1": [("lora_a.safetensors", 0.1)], "s1.0": [("lora_a.safetensors", 1.0)],
