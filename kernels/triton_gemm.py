@@ -49,7 +49,19 @@ HOPPER_FLOAT = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
                 (16, 128, 128, 4, 4), (64, 128, 32, 4, 4)]
 AMPERE_FLOAT = [(128, 128, 32, 4, 4), (64, 128, 32, 4, 4), (32, 128, 64, 4, 3), (16, 128, 64, 4, 3),
                 (16, 128, 32, 4, 3)]
-INTERPRET_TILE = (32, 32, 32, 4, 1)
+# The interpreter's tile: small, so CI's small shapes cover ragged edges and several K-steps. Runs at
+# real layer sizes take a GPU-sized tile instead (DITQ_INTERPRET_TILE="BLOCK_M,BLOCK_N,BLOCK_K"): the
+# interpreter's cost is per K-step, so 32x32x32 over a 5120x13824 weight takes a CPU-hour.
+def _interpret_tile() -> tuple[int, ...]:
+    text = os.environ.get("DITQ_INTERPRET_TILE", "32,32,32")
+    try:
+        bm, bn, bk = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"DITQ_INTERPRET_TILE={text!r}: give BLOCK_M,BLOCK_N,BLOCK_K, e.g. 16,128,128") from None
+    return bm, bn, bk, 4, 1
+
+
+INTERPRET_TILE = _interpret_tile()
 MIN_GROUP = 32  # int8 wgmma needs BLOCK_K >= 32, and a K-step may not cross a group boundary
 # Above this many rows a weight-only or codebook GEMM decodes the weight once and runs the dense
 # matmul: fused, every weight tile would be decoded again for each of the M / BLOCK_M row tiles.

@@ -212,7 +212,8 @@ REAL_SHAPES = {"wan-ffn-up": (5120, 13824), "wan-ffn-down": (13824, 5120),  # (K
                "flux-ffn-up": (3072, 12288), "flux-ffn-down": (12288, 3072)}
 REAL_FORMS = ("w8a8", "w4a8", "fp8", "w4a16-g128")
 CI_N = 80  # CI runs W4A8 at the longest K (13,824) and 80 output channels (a ragged N tile); a full-size case
-#            takes the interpreter minutes: DITQ_REAL_SHAPES=1 runs all 16 (times in docs/kernels.md)
+#            takes the interpreter minutes: DITQ_REAL_SHAPES=1 runs all 16, best with a GPU-sized tile
+#            (DITQ_INTERPRET_TILE=16,128,128; command and times in docs/kernels.md)
 
 
 def real_cases():
