@@ -2,6 +2,7 @@
 exact resume, zero-data calibration on PixArt and on class-conditional DiT."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -87,6 +88,19 @@ def test_calibration_resumes_exactly(tiny_pipe, trajectory, fresh, tmp_path, vq)
     with pytest.raises(Exception, match="other options"):
         quantize(fresh(tiny_pipe.transformer), _cfg(steps=4, include=FEW, state_path=state, candidates=2),
                  trajectory, progress=False)
+    # the same architecture with other weights (a fine-tune), or another trajectory: never resumed
+    other = fresh(tiny_pipe.transformer)
+    with torch.no_grad():
+        other.transformer_blocks[0].ff.net[2].weight.mul_(1.01)
+    with pytest.raises(Exception, match=f"{state.name}.*weights or calibration"):
+        quantize(other, _cfg(steps=4, harden_at=1.0, include=FEW, state_path=state, checkpoint_every=2),
+                 trajectory, progress=False)
+    moved = copy.copy(trajectory)
+    moved.inputs = copy.copy(trajectory.inputs)
+    moved.inputs.tensors = {k: v + 1e-3 if v.is_floating_point() else v for k, v in trajectory.inputs.tensors.items()}
+    with pytest.raises(Exception, match="weights or calibration"):
+        quantize(fresh(tiny_pipe.transformer), _cfg(steps=4, harden_at=1.0, include=FEW, state_path=state,
+                                                    checkpoint_every=2), moved, progress=False)
 
 
 def test_dit_zero_data_labels(dit_pipe, fresh, vq):

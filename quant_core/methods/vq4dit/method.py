@@ -305,10 +305,19 @@ class _Calibration:
             self._load_optimizer(*saved)
 
     def _fingerprint(self) -> str:
+        """What a saved state must match to be resumed: the options, the layers and their bits, and the
+        contents of the teacher's layers and of the recorded calls. Without the contents, a state saved
+        for another model of the same architecture would resume onto that model's codebooks, silently."""
+        from ...serialization import content_hash
+
         skip = {"state_path", "checkpoint_every", "time_budget_s", "steps", "harden_at"}
         opts = {k: v for k, v in dataclasses.asdict(self.opts).items() if k not in skip}
         bits = {n: self.ctx.config.scheme_for(n, i.in_features).weight_bits for n, i in self.ctx.layers.items()}
-        return json.dumps({"options": opts, "layers": bits, "calls": len(self.calls)}, sort_keys=True)
+        weights = {f"{n}.{k}": t for n in self.ctx.layers
+                   for k, t in self.teacher.get_submodule(n).named_parameters(recurse=False)}
+        calls = json.dumps(self.calls, sort_keys=True, default=str)
+        return json.dumps({"options": opts, "layers": bits, "weights_sha256": content_hash(weights, {}),
+                           "calibration_sha256": content_hash(self.tensors, {"calls": calls})}, sort_keys=True)
 
     def _build_student(self, saved) -> nn.Module:
         import copy
@@ -363,8 +372,8 @@ class _Calibration:
         except (KeyError, json.JSONDecodeError):
             raise CheckpointError(f"{path}: not a vq4dit calibration state") from None
         if state["fingerprint"] != self.fingerprint:
-            raise CheckpointError(f"{path}: vq4dit state was saved for other options, layers or calibration "
-                                  f"data; delete it or set another state_path")
+            raise CheckpointError(f"{path}: vq4dit state was saved for other options, layers, weights or "
+                                  f"calibration data; delete it or set another state_path")
         self.step = int(state["step"])
         return tensors, state["optim_steps"]
 
