@@ -188,6 +188,13 @@ def content_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     return h.hexdigest()
 
 
+def layers_sha256(model, names) -> str:
+    """SHA-256 of the named submodules' own parameters: the weights a resumable work file (a vq4dit
+    state, a search's scores, an option bank) was made from, so it is never resumed for others."""
+    return content_hash({f"{n}.{k}": t for n in names for k, t in model.get_submodule(n).named_parameters(recurse=False)},
+                        {})
+
+
 def save_hashed(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str]) -> str:
     """``atomic_save_file`` with the content hash added to the header; returns the hash."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

@@ -143,8 +143,15 @@ def test_search_deterministic_and_resumable(tmp_path):
                                   progress=False)
     assert (resumed.best, resumed.history, resumed.top_k) == (full.best, full.history, full.top_k)
     assert len(set(calls)) == len(calls) and len(calls) > n_first  # nothing evaluated twice across the resume
-    with pytest.raises(ValueError, match="other choices or settings"):
+    with pytest.raises(ValueError, match="other choices, settings"):
         evolutionary_search(CHOICES[:-1], fit, settings=settings, state_path=state, progress=False)
+    # scores made for another model or other conditions are never resumed
+    ctx = tmp_path / "ctx.json"
+    evolutionary_search(CHOICES, fit, constraint=budget, progress=False, state_path=ctx, context={"weights": "a"},
+                        settings=EvolutionSettings(**{**settings.__dict__, "generations": 1}))
+    with pytest.raises(ValueError, match="ctx.json: saved for other choices, settings, weights or conditions"):
+        evolutionary_search(CHOICES, fit, constraint=budget, settings=settings, state_path=ctx, progress=False,
+                            context={"weights": "b"})
 
 
 def test_search_time_budget_and_bad_seed(tmp_path):

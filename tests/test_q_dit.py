@@ -119,6 +119,13 @@ def test_small_search_respects_budget_and_is_stored(dit_pipe, dit_setup, builtin
     save_quantized(model, tmp_path / "s.safetensors")
     state = load_quantized(tmp_path / "s.safetensors").ditq_state["method_state"]
     assert state["genome"] == genome and state["search"]["evaluations"] == result.evaluations
+    # the same search state, resumed for other weights (a fine-tune), is refused
+    other = fresh(dit_pipe)
+    with torch.no_grad():
+        other.transformer.get_submodule(next(iter(genome))).weight.mul_(1.01)
+    with pytest.raises(ValueError, match="search.json: saved for other choices, settings, weights"):
+        search_group_sizes(other, base, [3], num_inference_steps=STEPS, settings=settings, progress=False,
+                           state_path=tmp_path / "search.json", **call)
 
 
 def test_q_dit_option_errors(dit_pipe, fresh):

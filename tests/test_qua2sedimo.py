@@ -68,6 +68,19 @@ def test_resume_reuses_labels_and_options(searched):
     assert qs.label_configs(bank, never, store, range(12), progress=False) == result.labels
 
 
+def test_workdir_of_other_weights_is_refused(searched, tiny_pipe, fresh):
+    """A workdir resumed for a fine-tune of the same architecture would label and search with the
+    other model's quantized options: refused, naming the bank."""
+    from ditq.quant_core.methods.qua2sedimo.method import search
+
+    cfg, _, work = searched
+    pipe = fresh(tiny_pipe)
+    with torch.no_grad():
+        pipe.transformer.transformer_blocks[0].attn1.to_q.weight.mul_(1.01)
+    with pytest.raises(ValueError, match=r"options\.safetensors holds options built from other weights"):
+        search(pipe, cfg, workdir=work, progress=False)
+
+
 def test_quantized_model_holds_the_counted_bits_and_round_trips(searched, tiny_pipe, fresh, tmp_path, run_pipe):
     cfg, result, _ = searched
     pipe = fresh(tiny_pipe)

@@ -69,7 +69,9 @@ class SearchResult:
 
 
 class _Search:
-    def __init__(self, choices, fitness, constraint, seeds, settings: EvolutionSettings, state_path, progress):
+    def __init__(self, choices, fitness, constraint, seeds, settings: EvolutionSettings, state_path, progress,
+                 context):
+        self.context = context
         self.choices = [tuple(int(c) for c in cs) for cs in choices]
         if not self.choices or any(not cs for cs in self.choices):
             raise ValueError("every gene needs at least one choice")
@@ -129,7 +131,7 @@ class _Search:
         s = dataclasses.asdict(self.settings)
         for k in ("generations", "time_budget_s"):  # may change between a run and its resumption
             s.pop(k)
-        return {"choices": [list(c) for c in self.choices], "settings": s}
+        return {"choices": [list(c) for c in self.choices], "settings": s, "context": self.context}
 
     def save(self) -> None:
         if self.state_path is None:
@@ -160,8 +162,8 @@ class _Search:
             raise ValueError(f"{self.state_path}: search state version {state.get('version')!r}, "
                              f"expected {STATE_VERSION}")
         if state["fingerprint"] != self._fingerprint():
-            raise ValueError(f"{self.state_path}: saved for other choices or settings; delete it or use "
-                             f"another state_path")
+            raise ValueError(f"{self.state_path}: saved for other choices, settings, weights or conditions; "
+                             f"delete it or use another state_path")
         self.generation, self.history = state["generation"], state["history"]
         self.population = [tuple(g) for g in state["population"]]
         self.top = [tuple(g) for g in state["top_k"]]
@@ -214,11 +216,14 @@ class _Search:
 def evolutionary_search(choices: Sequence[Sequence[int]], fitness: Callable[[Genome], float], *,
                         constraint: Callable[[Genome], bool] = lambda g: True, seeds: Sequence[Sequence[int]] = (),
                         settings: EvolutionSettings | None = None, state_path=None,
-                        progress: bool = True) -> SearchResult:
+                        progress: bool = True, context: dict | None = None) -> SearchResult:
     """Minimise ``fitness`` over genomes (one value per gene from ``choices[i]``) that satisfy
     ``constraint``; ``seeds`` start the first population (Q-DiT seeds the uniform genome).
+    ``context`` (JSON) names what the fitness depends on (the model's weights, the conditions): a
+    ``state_path`` saved under another context is refused, not resumed with stale scores.
 
     >>> r = evolutionary_search([[32, 64, 128]] * 4, lambda g: abs(sum(g) - 300),
     ...                         constraint=lambda g: sum(g) / len(g) >= 64, progress=False)
     """
-    return _Search(choices, fitness, constraint, seeds, settings or EvolutionSettings(), state_path, progress).run()
+    return _Search(choices, fitness, constraint, seeds, settings or EvolutionSettings(), state_path, progress,
+                   context).run()

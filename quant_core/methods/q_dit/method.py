@@ -32,6 +32,7 @@ from ...passes.gptq import gptq_weights
 from ...layers import QuantLinear
 from ...models import LayerInfo, select_layers, set_submodule
 from ...quantizers import mse_clip_scale
+from ...serialization import layers_sha256
 from ...passes.evolution import EvolutionSettings, SearchResult, evolutionary_search
 from .. import register_method
 
@@ -185,7 +186,8 @@ def search_group_sizes(pipe, config: QuantConfig, conditions: Sequence, *, num_i
                              f"({layers[name].in_features}); candidates {list(opts['candidates'])}")
     budget = opts["group_budget"]
     seeds = [[config.group_size] * len(names)] if config.group_size else []
-    if fitness is None:
+    default = fitness is None
+    if default:
         fitness = default_fitness(pipe, conditions, dict(pipe_kwargs, num_inference_steps=num_inference_steps),
                                   seed=seed)
     originals = {name: model.get_submodule(name) for name in names}
@@ -203,8 +205,16 @@ def search_group_sizes(pipe, config: QuantConfig, conditions: Sequence, *, num_i
             for name in names:
                 set_submodule(model, name, originals[name])
 
+    # what the scores depend on, so a saved search is resumed only for the same (no memory addresses:
+    # objects count by their type)
+    plain = (int, float, str, bool, type(None))
+    context = {"weights_sha256": layers_sha256(model, names), "conditions": [str(c) for c in conditions],
+               "pipe_kwargs": {k: v if isinstance(v, plain) else type(v).__qualname__ for k, v in pipe_kwargs.items()},
+               "steps": num_inference_steps, "seed": seed,
+               "fitness": "default" if default else getattr(fitness, "__qualname__", type(fitness).__qualname__)}
     result = evolutionary_search(choices, evaluate, constraint=lambda g: sum(g) / len(g) >= budget,
-                                 seeds=seeds, settings=settings, state_path=state_path, progress=progress)
+                                 seeds=seeds, settings=settings, state_path=state_path, progress=progress,
+                                 context=context if state_path else None)
     summary = {"loss": result.best_loss, "generations": result.generations, "evaluations": result.evaluations,
                "finished": result.finished, "history": result.history}
     searched = dataclasses.replace(config, options={**config.options, "group_sizes": dict(zip(names, result.best)),

@@ -152,7 +152,7 @@ class LabelStore:
 
 def fingerprint(bank: OptionBank, settings: dict) -> str:
     blob = json.dumps({"layers": bank.layers, "options": bank.options, "act_bits": bank.act_bits,
-                       "settings": settings}, sort_keys=True)
+                       "weights_sha256": bank.weights_sha256, "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -33,6 +33,7 @@ from ... import distributed as dist
 from ...calibration import SEARCH
 from ...config import QuantConfig, check_options, register_preset
 from ...models import select_layers
+from ...serialization import layers_sha256
 from .graph import build_graph
 from .options import METHOD_NAMES, Option, OptionBank, build_option, option_grid
 from .. import register_method
@@ -139,6 +140,9 @@ def search(pipe, config: QuantConfig, *, workdir: str | Path | None = None, prog
         bank = OptionBank.load(bank_path)
         if bank.layers != list(layers) or bank.options != [o.name for o in options] or bank.act_bits != act_bits_of(config):
             raise ValueError(f"{bank_path} holds options for other layers/options; use another workdir")
+        if bank.weights_sha256 != layers_sha256(model, layers):
+            raise ValueError(f"{bank_path} holds options built from other weights (another model or "
+                             f"fine-tune); use another workdir")
     else:
         bank = OptionBank.build(model, layers, options, act_bits=act_bits_of(config), progress=progress)
         if bank_path:

@@ -166,12 +166,14 @@ class OptionBank:
     """Every (layer, option) quantized once: ``bank[layer][option_name] -> OptionEntry``.
 
     ``numel[layer]`` is the layer's weight count, so ``bits(assignment)`` is the honest size-weighted
-    average bit width of a configuration (total stored bits / total weights).
+    average bit width of a configuration (total stored bits / total weights). ``weights_sha256``: the
+    FP weights the options were built from (a bank on disk is reused only for the same weights).
     """
 
     def __init__(self, entries: dict[str, dict[str, OptionEntry]], numel: dict[str, int], act_bits: int | None,
-                 decoded_cache_bytes: int = 2 << 30):
+                 weights_sha256: str, decoded_cache_bytes: int = 2 << 30):
         self.entries, self.numel, self.act_bits = entries, numel, act_bits
+        self.weights_sha256 = weights_sha256
         self.decoded_cache_bytes = decoded_cache_bytes  # decoded stand-ins kept for reuse across labels
         self._decoded: dict[tuple[str, str], nn.Linear] = {}
         self._decoded_bytes = 0
@@ -182,6 +184,8 @@ class OptionBank:
         """Every option of every layer; under torch.distributed each layer is built on one rank and
         its modules shared (through the CPU) with the others."""
         from tqdm.auto import tqdm
+
+        from ...serialization import layers_sha256
 
         def row(name: str) -> dict[str, OptionEntry]:
             linear = model.get_submodule(name)
@@ -205,7 +209,7 @@ class OptionBank:
                 entries[name], numel[name] = built, size(name)
                 bar.update(1)
                 report("qua2sedimo options", len(entries), len(names))
-        return cls(entries, numel, act_bits)
+        return cls(entries, numel, act_bits, layers_sha256(model, names))
 
     @property
     def layers(self) -> list[str]:
@@ -258,8 +262,8 @@ class OptionBank:
                 for key, t in e.module.state_dict().items():
                     tensors[f"{name}/{opt}/{key}"] = t.contiguous()
                 meta[name]["options"][opt] = {"spec": e.module.spec(), "error": e.error, "nbytes": e.nbytes}
-        atomic_save_file(tensors, Path(path), {"ditq.qua2sedimo_bank": json.dumps({"act_bits": self.act_bits,
-                                                                                    "layers": meta})})
+        atomic_save_file(tensors, Path(path), {"ditq.qua2sedimo_bank": json.dumps(
+            {"act_bits": self.act_bits, "weights_sha256": self.weights_sha256, "layers": meta})})
 
     @classmethod
     def load(cls, path) -> "OptionBank":
@@ -281,4 +285,7 @@ class OptionBank:
                                     assign=True)
                 mod.layer_name = name
                 entries[name][opt] = OptionEntry(mod, om["error"], om["nbytes"])
-        return cls(entries, numel, meta["act_bits"])
+        if "weights_sha256" not in meta:
+            raise CheckpointError(f"{path}: option bank without the hash of its FP weights (made before it was "
+                                  f"recorded); delete it, the search rebuilds it")
+        return cls(entries, numel, meta["act_bits"], meta["weights_sha256"])

@@ -308,15 +308,13 @@ class _Calibration:
         """What a saved state must match to be resumed: the options, the layers and their bits, and the
         contents of the teacher's layers and of the recorded calls. Without the contents, a state saved
         for another model of the same architecture would resume onto that model's codebooks, silently."""
-        from ...serialization import content_hash
+        from ...serialization import content_hash, layers_sha256
 
         skip = {"state_path", "checkpoint_every", "time_budget_s", "steps", "harden_at"}
         opts = {k: v for k, v in dataclasses.asdict(self.opts).items() if k not in skip}
         bits = {n: self.ctx.config.scheme_for(n, i.in_features).weight_bits for n, i in self.ctx.layers.items()}
-        weights = {f"{n}.{k}": t for n in self.ctx.layers
-                   for k, t in self.teacher.get_submodule(n).named_parameters(recurse=False)}
         calls = json.dumps(self.calls, sort_keys=True, default=str)
-        return json.dumps({"options": opts, "layers": bits, "weights_sha256": content_hash(weights, {}),
+        return json.dumps({"options": opts, "layers": bits, "weights_sha256": layers_sha256(self.teacher, self.ctx.layers),
                            "calibration_sha256": content_hash(self.tensors, {"calls": calls})}, sort_keys=True)
 
     def _build_student(self, saved) -> nn.Module:
