@@ -177,7 +177,13 @@ def input_basis(w: torch.Tensor, smooth: torch.Tensor | None, signs: torch.Tenso
     return w
 
 
+# Stored dtypes of asymmetric weights' zero points: int8 (the signed offsets of every bit width fit;
+# float32 would cost 4x the bytes), and float32 in older files, which still load.
+ZERO_POINT_DTYPES = {"int8": torch.int8, "float32": torch.float32}
+
+
 @register_layer_type("linear")
+
 class QuantLinear(QuantModule):
     """A Linear whose weight is stored quantized per ``scheme`` (see config.LayerScheme).
 
@@ -186,7 +192,9 @@ class QuantLinear(QuantModule):
 
     Buffers: ``weight`` (int8 ``[N, K]`` for 8 bits, uint8 ``[N, packed_width(K, b)]`` packed for
     fewer, float8 e4m3 ``[N, K]`` for fp8), ``weight_scale`` float32 ``[N, G]``, optional
-    ``weight_zero_point`` float32 ``[N, G]`` (asymmetric), ``bias`` in the compute dtype, optional
+    ``weight_zero_point`` int8 ``[N, G]`` (asymmetric; the integers offset to the signed range fit
+    int8 at every bit width; older files hold them as float32, which still loads:
+    ``zero_point_dtype`` in the spec), ``bias`` in the compute dtype, optional
     ``input_scale`` float32 ``[1]`` (static activations), optional ``smooth_scale`` float32 ``[K]`` and
     ``rotation_signs`` int8 ``[K]`` with ``rotation_block`` (channel balancing, ViDiT-Q).
     """
@@ -197,9 +205,12 @@ class QuantLinear(QuantModule):
 
     def __init__(self, in_features: int, out_features: int, scheme: LayerScheme, *, bias: bool = True,
                  smooth: bool = False, rotation_block: int | None = None, dtype=torch.float32,
-                 device=None):
+                 device=None, zero_point_dtype: torch.dtype = torch.int8):
         super().__init__()
         scheme.validate("QuantLinear", in_features)
+        if zero_point_dtype not in ZERO_POINT_DTYPES.values():
+            raise ValueError(f"QuantLinear: zero_point_dtype {zero_point_dtype} must be one of "
+                             f"{sorted(ZERO_POINT_DTYPES)}")
         if rotation_block is not None:
             from ..kernels.reference import hadamard_factors
 
@@ -220,7 +231,7 @@ class QuantLinear(QuantModule):
                             dtype=torch.uint8, device=device)
         self.register_buffer("weight", w)
         self.register_buffer("weight_scale", torch.empty(rows, groups, dtype=torch.float32, device=device))
-        zp = None if scheme.weight_symmetric else torch.empty(rows, groups, dtype=torch.float32, device=device)
+        zp = None if scheme.weight_symmetric else torch.empty(rows, groups, dtype=zero_point_dtype, device=device)
         self.register_buffer("weight_zero_point", zp)
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         static = scheme.act_mode == "static_tensor"
@@ -273,6 +284,8 @@ class QuantLinear(QuantModule):
             mod.weight.copy_(qz.pack_bits(q.to(torch.int8), scheme.weight_bits))
         mod.weight_scale.copy_(scale.reshape(mod.weight_scale.shape))
         if zero is not None:
+            if not torch.equal(zero, zero.round()):
+                raise ValueError(f"layer {name!r}: weight zero points must be integers")
             mod.weight_zero_point.copy_(zero.reshape(mod.weight_zero_point.shape))
         if linear.bias is not None:
             mod.bias.copy_(linear.bias.detach())
@@ -287,18 +300,25 @@ class QuantLinear(QuantModule):
         return mod
 
     def spec(self) -> dict[str, Any]:
-        return {
+        out = {
             "layer_type": self.layer_type, "in_features": self.in_features,
             "out_features": self.out_features, "bias": self.bias is not None,
             "scheme": self.scheme.to_dict(), "smooth": self.smooth_scale is not None,
             "rotation_block": self.rotation_block,
         }
+        if self.weight_zero_point is not None:
+            out["zero_point_dtype"] = str(self.weight_zero_point.dtype).removeprefix("torch.")
+        return out
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype = torch.float32) -> "QuantLinear":
+        zdt = spec.get("zero_point_dtype", "float32")  # files before int8 zero points hold float32
+        if zdt not in ZERO_POINT_DTYPES:
+            raise ValueError(f"zero_point_dtype {zdt!r} must be one of {sorted(ZERO_POINT_DTYPES)}")
         return cls(spec["in_features"], spec["out_features"], LayerScheme.from_dict(spec["scheme"]),
                    bias=spec["bias"], smooth=spec.get("smooth", False),
-                   rotation_block=spec.get("rotation_block"), dtype=dtype, device="meta")
+                   rotation_block=spec.get("rotation_block"), dtype=dtype, device="meta",
+                   zero_point_dtype=ZERO_POINT_DTYPES[zdt])
 
     # -- use ---------------------------------------------------------------------------------
     def weight_view(self, bits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -358,7 +378,8 @@ class QuantLinear(QuantModule):
         zp = self.weight_zero_point
         if zp is not None:
             half = 2 ** (s.weight_bits - 1)
-            _require((torch.isfinite(zp) & (zp == zp.round()) & (zp >= -half) & (zp <= half - 1)).all(),
+            zf = zp.float()
+            _require((torch.isfinite(zf) & (zf == zf.round()) & (zf >= -half) & (zf <= half - 1)).all(),
                      f"weight zero points must be integers in [{-half}, {half - 1}]")
         for name in ("input_scale", "smooth_scale"):
             t = getattr(self, name)

@@ -38,7 +38,7 @@ _ALIGNED = {"N", "K", "KP", "GS", "stride_xm", "stride_wn", "stride_ym", "stride
 # zw_ptr: the zero-point pointer of the kernel before issue 21, so --sweep also runs on that tree
 _SCALE_PTRS = {"sx_ptr": "*fp32", "sw_ptr": "*fp32", "zw_ptr": "*fp32", "zr_ptr": "*fp32", "zc_ptr": "*fp32",
                "b_ptr": "*bf16", "y_ptr": "*bf16"}
-_FLOAT_PTRS = {"x_ptr": "*bf16", "sw_ptr": "*fp32", "zw_ptr": "*fp32", "cb_ptr": "*fp16", "b_ptr": "*bf16",
+_FLOAT_PTRS = {"x_ptr": "*bf16", "sw_ptr": "*fp32", "zw_ptr": "*i8", "cb_ptr": "*fp16", "b_ptr": "*bf16",
                "y_ptr": "*bf16"}
 _BASE = {"EVEN_K": True, "HAS_BIAS": True, "GROUP_M": 8}
 

@@ -216,3 +216,41 @@ def test_file_exists_where_folder_expected(tmp_path, quantized_w4):
 def test_quantizing_twice_refused(quantized_w4):
     with pytest.raises(ValueError, match="already quantized"):
         quantize(quantized_w4, QuantConfig.preset("rtn-w4a8"), progress=False)
+
+
+def test_zero_points_are_int8_and_older_float32_files_still_load(tmp_path, tiny_pipe):
+    """Asymmetric weights store their zero points as int8 (a quarter of float32's bytes: Q-DiT W4 at
+    group 128 is 4.31 bits per weight, not 4.5); files written with float32 zero points load to the
+    same outputs."""
+    import copy
+
+    from ditq.quant_core.serialization import read_safetensors
+    from ditq.quant_core.serialization import CONTENT_HASH_KEY, content_hash
+    from safetensors.torch import save_file
+
+    cfg = QuantConfig(weight_bits=4, weight_granularity="group", group_size=32, weight_symmetric=False,
+                      act_bits=None)
+    model = copy.deepcopy(tiny_pipe.transformer)
+    report = quantize(model, cfg, progress=False)
+    layer = model.transformer_blocks[0].attn1.to_q
+    assert layer.weight_zero_point.dtype == torch.int8
+    groups = layer.in_features // 32
+    assert layer.weight_nbytes() == layer.out_features * (layer.in_features // 2 + groups * (4 + 1))
+    assert report.quant_bytes == sum(m.weight_nbytes() for m in model.modules() if isinstance(m, QuantLinear))
+    with torch.no_grad():
+        expected = model(**_inputs(), return_dict=False)[0]
+    tensors, meta = read_safetensors(save_quantized(model, tmp_path / "new.safetensors"))
+    # the same model as an older file: float32 zero points, no zero_point_dtype in the layer specs
+    qcfg = json.loads(meta["ditq.quantization_config"])
+    for spec in qcfg["layers"].values():
+        assert spec.pop("zero_point_dtype") == "int8"
+    old = {k: v.float() if k.endswith("weight_zero_point") else v for k, v in tensors.items()}
+    meta = {k: v for k, v in meta.items() if k != CONTENT_HASH_KEY}
+    meta["ditq.quantization_config"] = json.dumps(qcfg)
+    save_file(old, str(tmp_path / "old.safetensors"), {**meta, CONTENT_HASH_KEY: content_hash(old, meta)})
+    for name in ("new", "old"):
+        loaded = load_quantized(tmp_path / f"{name}.safetensors")
+        zp = loaded.transformer_blocks[0].attn1.to_q.weight_zero_point
+        assert zp.dtype == (torch.int8 if name == "new" else torch.float32)
+        with torch.no_grad():
+            assert torch.equal(loaded(**_inputs(), return_dict=False)[0], expected), name

@@ -68,7 +68,7 @@ def quantized_weight(n, k, bits, group_size, symmetric, seed, per_tensor=False):
     q, s, z = qz.quantize_weight(rand(n, k, seed=seed), bits, symmetric=symmetric, group_size=group_size,
                                  per_tensor=per_tensor)
     if not symmetric:
-        q, z = q.to(torch.int16) - 2 ** (bits - 1), z - 2 ** (bits - 1)
+        q, z = q.to(torch.int16) - 2 ** (bits - 1), (z - 2 ** (bits - 1)).to(torch.int8)
     return qz.pack_bits(q.to(torch.int8), bits), s, z
 
 
@@ -290,13 +290,15 @@ def test_fp8_gemm_error_bound_at_k4608():
 
 # -- weight-only and codebook ------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("fmt", ["int8", "int4-g32-asym", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32-asym", "int4-g32-asym-fp32-zero", "fp8"])
 def test_weight_only_linear(dtype, fmt):
     if fmt == "fp8":
         (w, sw), zw, bits = qz.quantize_fp8(rand(N, K, seed=50), per_row=True), None, 8
     else:
         bits = 8 if fmt == "int8" else 4
         w, sw, zw = quantized_weight(N, K, bits, 32 if bits == 4 else None, bits == 8, seed=51)
+        if fmt.endswith("fp32-zero"):  # as older files store them
+            zw = zw.float()
     x, bias = rand(M, K, seed=52, dtype=dtype), rand(N, seed=53, dtype=dtype)
     kw = dict(bits=bits, weight_format="fp8" if fmt == "fp8" else "int", in_features=K)
     y = gm.weight_only_linear(x, w, sw, zw, bias, **kw)
