@@ -82,6 +82,14 @@ def full_path(key: str, name: str) -> str:
     return folder_paths.get_full_path_or_raise(key, name)
 
 
+def work_dir() -> str:
+    """models/ditq/work: the resumable state of long optimisations (vq4dit), each file named by the
+    model, calibration and options it belongs to, and removed once its optimisation completes."""
+    import folder_paths
+
+    return os.path.join(folder_paths.get_folder_paths(FOLDER)[0], "work")
+
+
 def output_path(key: str, name: str) -> Path:
     """Where a new file called ``name`` goes: the first folder registered for ``key``."""
     import folder_paths

@@ -58,6 +58,8 @@ class QuantizeDiT(io.ComfyNode):
         if lacking:
             raise ValueError(f"Quantize DiT (ditq): the calibration input lacks {lacking}, which preset "
                              f"{preset!r} needs: set preset to {preset!r} in Calibrate DiT (ditq) and run it again")
+        if cfg.method == "vq4dit":  # Cancel keeps the optimisation's progress: queueing it again resumes
+            cfg.options["work_dir"] = ad.work_dir()
         progress = ad.core_progress()
         try:
             patcher, report = ad.quantize_patcher(model, cfg, calibration, on_progress=progress)

@@ -141,5 +141,16 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationData
             getattr(model, attr).clear()
             getattr(model, attr).update(saved)
         raise
-    mark_quantized(model, {"method": config.method, "recipe": config.to_dict(), "method_state": ctx.method_state})
+    mark_quantized(model, {"method": config.method, "recipe": _recipe(config), "method_state": ctx.method_state})
     return ctx.report
+
+
+# Options that say where work files go on this machine, not how the model was quantized: kept out of
+# the recipe a saved model carries (and shares).
+LOCAL_OPTIONS = ("state_path", "work_dir")
+
+
+def _recipe(config: QuantConfig) -> dict:
+    recipe = config.to_dict()
+    recipe["options"] = {k: v for k, v in recipe.get("options", {}).items() if k not in LOCAL_OPTIONS}
+    return recipe

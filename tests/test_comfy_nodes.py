@@ -622,6 +622,40 @@ def test_interrupt_is_honoured_inside_long_loops(comfy, monkeypatch, preset, whe
     assert inside in frames, frames          # raised from within the loop, not between layers
 
 
+def test_cancelled_vq4dit_resumes_where_it_stopped(comfy, monkeypatch):
+    """Cancel during vq4dit's optimisation keeps its state in models/ditq/work; queueing the same
+    Quantize again resumes from there, ends where an uninterrupted run ends, and removes the state."""
+    from ditq.quant_core.methods.vq4dit import method as vq4dit
+
+    small_presets(monkeypatch)
+    patcher = make_patcher(hidden=128)
+    calib, _ = calibrate(comfy, patcher, preset="vq4dit-w2", steps=2)
+    quantize = comfy.nodes["DitqQuantizeDiT"].execute
+    args = dict(model=patcher, preset="vq4dit-w2", weight_bits="preset", calibration=calib)
+    straight = quantize(**args).args[0]
+    work = Path(comfy.fp.models_dir) / "ditq" / "work"
+    assert not list(work.glob("*"))                 # a completed optimisation leaves no state behind
+    original = vq4dit.report
+
+    def cancel_at_step_5(stage, done, total):
+        if stage == "vq4dit calibrate" and done == 5:
+            comfy.mm.interrupt_current_processing(True)
+        original(stage, done, total)
+
+    monkeypatch.setattr(vq4dit, "report", cancel_at_step_5)
+    with pytest.raises(comfy.mm.InterruptProcessingException):
+        quantize(**args)
+    assert len(list(work.glob("vq4dit-*.safetensors"))) == 1
+    monkeypatch.setattr(vq4dit, "report", original)
+    resumed = quantize(**args).args[0]
+    state = resumed.model.diffusion_model.ditq_state
+    assert state["method_state"]["steps_this_run"] == 3 and state["method_state"]["steps_done"] == 8
+    assert "work_dir" not in state["recipe"]["options"]   # no local path in what a saved file shares
+    assert not list(work.glob("*"))
+    a, b = packed_state(straight), packed_state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_progress_shows_at_once_and_within_layers(comfy, monkeypatch):
     patcher = make_patcher(hidden=128)
     calib, _ = calibrate(comfy, patcher, preset="q-dit-w4a8", steps=2)

@@ -28,6 +28,7 @@ sub-vector); ``candidates=2`` (code) vs 3 (the paper's best).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ class VQ4DiTOptions:
     kmeans_init: str = "kmeans++"      # "kmeans++" | "random"
     seed: int = 0
     state_path: str | None = None      # resumable state (safetensors), written atomically
+    work_dir: str | None = None        # or: a state named by what it was made from, deleted once complete
     checkpoint_every: int = 50
     time_budget_s: float | None = None  # stop calibrating after this long (state is saved first)
 
@@ -292,6 +294,7 @@ class _Calibration:
         # inputs recorded under inference mode (ComfyUI's sampler) cannot be saved for backward
         self.tensors = {k: v.clone() if v.is_inference() else v for k, v in ctx.calibration.inputs.tensors.items()}
         self.fingerprint = self._fingerprint()
+        self.state_path = self._state_path()
         self.step = 0
         saved = self._load_state()
         self.student = self._build_student(saved)
@@ -310,12 +313,26 @@ class _Calibration:
         for another model of the same architecture would resume onto that model's codebooks, silently."""
         from ...serialization import content_hash, layers_sha256
 
-        skip = {"state_path", "checkpoint_every", "time_budget_s", "steps", "harden_at"}
+        skip = {"state_path", "work_dir", "checkpoint_every", "time_budget_s", "steps", "harden_at"}
         opts = {k: v for k, v in dataclasses.asdict(self.opts).items() if k not in skip}
         bits = {n: self.ctx.config.scheme_for(n, i.in_features).weight_bits for n, i in self.ctx.layers.items()}
         calls = json.dumps(self.calls, sort_keys=True, default=str)
         return json.dumps({"options": opts, "layers": bits, "weights_sha256": layers_sha256(self.teacher, self.ctx.layers),
                            "calibration_sha256": content_hash(self.tensors, {"calls": calls})}, sort_keys=True)
+
+    def _state_path(self) -> str | None:
+        """``state_path``, or in ``work_dir`` a file named by the fingerprint's hash: a GUI re-running
+        the same model, calibration and options resumes its interrupted work, and no other work."""
+        if self.opts.state_path or not self.opts.work_dir:
+            return self.opts.state_path
+        digest = hashlib.sha256(self.fingerprint.encode()).hexdigest()[:16]
+        return str(Path(self.opts.work_dir) / f"vq4dit-{digest}.safetensors")
+
+    def finish(self, result: dict) -> None:
+        """A work_dir state has served its purpose once the optimisation completed (a state_path is
+        the caller's, and kept)."""
+        if self.opts.work_dir and not self.opts.state_path and not result["stopped_by_time_budget"]:
+            Path(self.state_path).unlink(missing_ok=True)
 
     def _build_student(self, saved) -> nn.Module:
         import copy
@@ -346,7 +363,7 @@ class _Calibration:
     def _save_state(self) -> None:
         from ...serialization import atomic_save_file
 
-        if not self.opts.state_path:
+        if not self.state_path:
             return
         tensors = {f"{n}.{k}": t for n, m in self.soft.items() for k, t in m.state_dict().items()}
         steps = {}
@@ -356,12 +373,12 @@ class _Calibration:
                 tensors[f"__optim__.{i}"] = st["square_avg"]
                 steps[i] = float(st["step"])
         meta = {"step": self.step, "fingerprint": self.fingerprint, "optim_steps": steps}
-        atomic_save_file(tensors, self.opts.state_path, {"ditq_vq4dit_state": json.dumps(meta)})
+        atomic_save_file(tensors, self.state_path, {"ditq_vq4dit_state": json.dumps(meta)})
 
     def _load_state(self):
         from ...serialization import CheckpointError, read_safetensors
 
-        path = self.opts.state_path
+        path = self.state_path
         if not path or not Path(path).exists():
             return None
         tensors, meta = read_safetensors(path)
@@ -457,11 +474,13 @@ class VQ4DiT:
         # optimisation leaves it (the student and its codebooks are built outside it too)
         with torch.inference_mode(False):
             cal = _Calibration(ctx, opts)
-            ctx.method_state.update(cal.run())
+            result = cal.run()
+        ctx.method_state.update(result)
         for name, soft in cal.soft.items():
             soft.harden()
             dtype = ctx.linear(name).weight.dtype
             ctx.replace(name, soft.to_codebook_linear(name, dtype))
+        cal.finish(result)
 
 
 # The presets take the released code's ratio init, regulariser and ratio lr (keeping the paper's n = 3):
