@@ -635,16 +635,19 @@ def test_cancelled_vq4dit_resumes_where_it_stopped(comfy, monkeypatch):
     straight = quantize(**args).args[0]
     work = Path(comfy.fp.models_dir) / "ditq" / "work"
     assert not list(work.glob("*"))                 # a completed optimisation leaves no state behind
-    original = vq4dit.report
+    original, ticks = vq4dit.report, []
 
-    def cancel_at_step_5(stage, done, total):
-        if stage == "vq4dit calibrate" and done == 5:
+    def cancel_at_step_5(stage, done, total):  # mid-step: after the student's forward, before its update
+        if stage == "vq4dit calibrate":
+            ticks.append(done)
+        if ticks.count(5) == 3:
             comfy.mm.interrupt_current_processing(True)
         original(stage, done, total)
 
     monkeypatch.setattr(vq4dit, "report", cancel_at_step_5)
     with pytest.raises(comfy.mm.InterruptProcessingException):
         quantize(**args)
+    assert ticks.count(4) == 4                      # progress and Cancel 4 times a step (seconds on a CPU)
     assert len(list(work.glob("vq4dit-*.safetensors"))) == 1
     monkeypatch.setattr(vq4dit, "report", original)
     resumed = quantize(**args).args[0]
