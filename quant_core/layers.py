@@ -183,7 +183,6 @@ ZERO_POINT_DTYPES = {"int8": torch.int8, "float32": torch.float32}
 
 
 @register_layer_type("linear")
-
 class QuantLinear(QuantModule):
     """A Linear whose weight is stored quantized per ``scheme`` (see config.LayerScheme).
 
