@@ -206,15 +206,16 @@ def search_group_sizes(pipe, config: QuantConfig, conditions: Sequence, *, num_i
                 set_submodule(model, name, originals[name])
 
     # what the scores depend on, so a saved search is resumed only for the same (no memory addresses:
-    # objects count by their type)
+    # objects count by their type); hashed only when there is a state to resume
     plain = (int, float, str, bool, type(None))
-    context = {"weights_sha256": layers_sha256(model, names), "conditions": [str(c) for c in conditions],
-               "pipe_kwargs": {k: v if isinstance(v, plain) else type(v).__qualname__ for k, v in pipe_kwargs.items()},
-               "steps": num_inference_steps, "seed": seed,
-               "fitness": "default" if default else getattr(fitness, "__qualname__", type(fitness).__qualname__)}
+    context = None if state_path is None else {
+        "weights_sha256": layers_sha256(model, names), "conditions": [str(c) for c in conditions],
+        "pipe_kwargs": {k: v if isinstance(v, plain) else type(v).__qualname__ for k, v in pipe_kwargs.items()},
+        "steps": num_inference_steps, "seed": seed,
+        "fitness": "default" if default else getattr(fitness, "__qualname__", type(fitness).__qualname__)}
     result = evolutionary_search(choices, evaluate, constraint=lambda g: sum(g) / len(g) >= budget,
                                  seeds=seeds, settings=settings, state_path=state_path, progress=progress,
-                                 context=context if state_path else None)
+                                 context=context)
     summary = {"loss": result.best_loss, "generations": result.generations, "evaluations": result.evaluations,
                "finished": result.finished, "history": result.history}
     searched = dataclasses.replace(config, options={**config.options, "group_sizes": dict(zip(names, result.best)),

@@ -293,7 +293,8 @@ class _Calibration:
         self.calls = ctx.calibration.inputs.calls
         # inputs recorded under inference mode (ComfyUI's sampler) cannot be saved for backward
         self.tensors = {k: v.clone() if v.is_inference() else v for k, v in ctx.calibration.inputs.tensors.items()}
-        self.fingerprint = self._fingerprint()
+        # hashing the weights and calls takes seconds at full size: only for a run with a work file
+        self.fingerprint = self._fingerprint() if opts.state_path or opts.work_dir else None
         self.state_path = self._state_path()
         self.step = 0
         saved = self._load_state()
