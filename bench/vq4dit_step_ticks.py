@@ -16,17 +16,11 @@ import torch
 
 
 def wide_pipeline():
-    from diffusers import PixArtTransformer2DModel
-
     from ditq.evaluation import builtin
 
     pipe = builtin.tiny_pixart_pipeline()
-    torch.manual_seed(0)
-    pipe.transformer = builtin.open_gates(PixArtTransformer2DModel(
-        sample_size=40, num_layers=1, patch_size=2, attention_head_dim=72, num_attention_heads=16,
-        caption_channels=64, in_channels=4, out_channels=8, cross_attention_dim=1152, attention_bias=True,
-        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False).eval())
+    pipe.transformer = builtin.tiny_pixart_transformer(num_layers=1, sample_size=40, attention_head_dim=72,
+                                                       num_attention_heads=16, cross_attention_dim=1152)
     return pipe
 
 

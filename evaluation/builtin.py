@@ -23,17 +23,17 @@ def tiny_text_encoder(d_model: int = 64, seed: int = 0):
 
 
 def tiny_pixart_transformer(seed: int = 0, *, num_layers: int = 4, sample_size: int = 16,
-                            caption_channels: int = 64):
+                            caption_channels: int = 64, **config):
+    """PixArt's layout at width 256 (4 heads of 64); ``config`` overrides any constructor argument."""
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(seed)
-    model = PixArtTransformer2DModel(
-        sample_size=sample_size, num_layers=num_layers, patch_size=2, attention_head_dim=64,
-        num_attention_heads=4, caption_channels=caption_channels, in_channels=4, out_channels=8,
-        cross_attention_dim=256, attention_bias=True, activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
-        norm_eps=1e-6, use_additional_conditions=False,
-    ).eval()
+    model = PixArtTransformer2DModel(**{
+        "sample_size": sample_size, "num_layers": num_layers, "patch_size": 2, "attention_head_dim": 64,
+        "num_attention_heads": 4, "caption_channels": caption_channels, "in_channels": 4, "out_channels": 8,
+        "cross_attention_dim": 256, "attention_bias": True, "activation_fn": "gelu-approximate",
+        "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_single", "norm_elementwise_affine": False,
+        "norm_eps": 1e-6, "use_additional_conditions": False, **config}).eval()
     return open_gates(model)
 
 
